@@ -1,0 +1,121 @@
+"""AcceptorActor: ``accept()`` emulated over an anonymous socket pair.
+
+The server keeps one end of a ``SOCK_SEQPACKET`` pair, the *connect
+channel*; the process that created the server, and every child it forks,
+holds the other. ``connect()`` writes :data:`CONNECT` to the channel. The
+acceptor answers with a fresh ``socketpair()``: one end travels back through
+the channel by SCM_RIGHTS, the other goes to a new
+:class:`~actorpool.session.ClientSessionActor`. No port and no socket file:
+only holders of the channel can connect.
+
+When every holder has closed the channel (end of stream) or the creator
+writes :data:`SHUTDOWN`, the acceptor calls ``on_close`` and the server
+stops.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import itertools
+import logging
+import socket
+import threading
+from collections.abc import Callable
+from typing import Any, Final
+
+import pykka
+
+from actorpool.fdpassing import send_fd
+from actorpool.session import ClientSessionActor
+
+__all__ = ["ACCEPTED", "CONNECT", "SHUTDOWN", "AcceptorActor"]
+
+logger = logging.getLogger(__name__)
+
+CONNECT: Final = b"connect"
+"""Written by ``connect()``: please make me a connection."""
+SHUTDOWN: Final = b"shutdown"
+"""Written by ``close()`` in the creating process: stop the server."""
+ACCEPTED: Final = b"accepted"
+"""The acceptor's answer; the new connection's descriptor rides along."""
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class ChannelMessage:
+    """Reader thread to the acceptor: one message from the connect channel."""
+
+    data: bytes
+    """The message (``b""``: every holder has closed the channel)."""
+
+
+class AcceptorActor(pykka.ThreadingActor):
+    """Turns wake-ups on the connect channel into client connections."""
+
+    def __init__(
+        self,
+        channel: socket.socket,
+        registry: pykka.ActorRef[Any],
+        on_close: Callable[[], None],
+    ) -> None:
+        super().__init__()
+        self._channel = channel
+        self._registry = registry
+        self._on_close = on_close
+        self._client_ids = itertools.count(1)
+        self._clients: list[pykka.ActorRef[Any]] = []
+        self._reader = threading.Thread(
+            target=self._read, name="actorpool-acceptor", daemon=True
+        )
+
+    def __repr__(self) -> str:
+        return f"<AcceptorActor clients={len(self._clients)}>"
+
+    def on_start(self) -> None:
+        self._reader.start()
+
+    def on_receive(self, message: Any) -> None:
+        if not isinstance(message, ChannelMessage):
+            logger.warning("AcceptorActor ignores unexpected message %r", message)
+        elif message.data == CONNECT:
+            self._accept()
+        elif message.data in (b"", SHUTDOWN):
+            self._on_close()
+        else:
+            logger.warning("ignoring %d unexpected bytes on the connect channel",
+                           len(message.data))
+
+    def on_stop(self) -> None:
+        with contextlib.suppress(OSError):
+            self._channel.shutdown(socket.SHUT_RDWR)
+        self._reader.join()
+        self._channel.close()
+        for client in self._clients:
+            client.stop()
+
+    def _accept(self) -> None:
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            send_fd(self._channel, ACCEPTED, theirs.fileno())
+        except OSError as exc:
+            logger.warning("could not pass a connection back: %s", exc)
+            ours.close()
+            return
+        finally:
+            theirs.close()
+        self._clients = [c for c in self._clients if c.is_alive()]
+        client_id = next(self._client_ids)
+        self._clients.append(ClientSessionActor.start(ours, client_id, self._registry))
+
+    def _read(self) -> None:
+        while True:
+            try:
+                data = self._channel.recv(64)
+            except OSError:
+                data = b""
+            try:
+                self.actor_ref.tell(ChannelMessage(data))
+            except pykka.ActorDeadError:
+                return
+            if not data:
+                return

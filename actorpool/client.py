@@ -1,0 +1,366 @@
+"""ApplicationPool and Session: the client side, used in the user's processes.
+
+An :class:`ApplicationPool` is one connection to the pool server. It is
+thread-safe and multiplexed: every request carries an id, so many threads
+may have gets in flight and one connection may hold many sessions (the
+seed's "one session per connection or it deadlocks" rule is gone).
+
+It starts no thread of its own, so a process that holds one can still
+``fork()``. Whichever waiting thread finds nobody reading becomes the reader
+until its own reply arrives, handing every other reply to its owner on the
+way (a leader/follower scheme).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import os
+import socket
+import threading
+import time
+from collections.abc import Callable
+from types import TracebackType
+from typing import Final
+
+from actorpool.errors import (
+    ActorPoolError,
+    ConfigError,
+    RemoteProtocolError,
+    ServerGoneError,
+    SpawnError,
+    error_from_reply,
+)
+from actorpool.messages import (
+    PROTOCOL_VERSION,
+    Clear,
+    CloseSession,
+    ErrorReply,
+    Get,
+    GetStatistics,
+    Hello,
+    Reply,
+    Request,
+    RestartApp,
+    SessionFailed,
+    SessionGranted,
+    SetMaxIdleTime,
+    SetMaxPerApp,
+    SetMaxPoolSize,
+    StatisticsReply,
+    WireMessage,
+)
+from actorpool.protocol import NEED_DATA, PEER_CLOSED, Connection, Role
+from actorpool.statistics import PoolStatistics
+
+__all__ = ["ApplicationPool", "Session"]
+
+CONNECT_ATTEMPTS: Final = 3
+"""Sessions ``get()`` tries before giving up when processes turn out dead."""
+
+_RECV_SIZE = 64 * 1024
+
+
+class Session:
+    """A connected socket to one application process, yours until :meth:`close`.
+
+    Use it as a context manager, or call :meth:`close` (idempotent) when the
+    request is done, so that the process can serve someone else.
+    """
+
+    def __init__(
+        self,
+        pool: ApplicationPool,
+        grant: SessionGranted,
+        sock: socket.socket,
+    ) -> None:
+        self._pool = pool
+        self.id: Final = grant.session_id
+        """The server's number for this session."""
+        self.pid: Final = grant.pid
+        """Process id of the application process."""
+        self.app_root: Final = grant.app_root
+        """The application the process runs."""
+        self.socket: Final = sock
+        """A stream socket connected to the application process."""
+        self._lock = threading.Lock()
+        self._closed = False
+
+    def __repr__(self) -> str:
+        state = "closed" if self._closed else "open"
+        return f"<Session id={self.id} pid={self.pid} app={self.app_root!r} {state}>"
+
+    @property
+    def closed(self) -> bool:
+        """Whether :meth:`close` has been called."""
+        return self._closed
+
+    def close(self) -> None:
+        """Close the socket and give the process back to the pool."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+        self.socket.close()
+        self._pool._notify(CloseSession(self.id))
+
+    def __enter__(self) -> Session:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+
+class ApplicationPool:
+    """A client's connection to the pool server. Thread-safe.
+
+    Get one from :meth:`ApplicationPoolServer.connect
+    <actorpool.ApplicationPoolServer.connect>`; it speaks to the server over
+    the socket it is given.
+    """
+
+    def __init__(self, sock: socket.socket) -> None:
+        self._sock = sock
+        self._pid = os.getpid()
+        self._conn = Connection(Role.CLIENT)
+        self._cond = threading.Condition()
+        self._reading = False
+        self._replies: dict[int, Reply | WireMessage] = {}
+        self._abandoned: set[int] = set()
+        self._error: ActorPoolError | None = None
+        self._ids = itertools.count(1)
+        self.server_pid = 0
+        """Process id of the pool server (from its welcome)."""
+        self.client_id = 0
+        """The server's number for this connection."""
+        try:
+            self._handshake()
+        except BaseException:
+            sock.close()
+            raise
+
+    def __repr__(self) -> str:
+        return (
+            f"<ApplicationPool client={self.client_id} server_pid={self.server_pid} "
+            f"{self._conn!r}>"
+        )
+
+    # --- public API -------------------------------------------------------------
+
+    def get(self, app_root: str | os.PathLike[str], *, timeout: float | None = None) -> Session:
+        """Check out a session on a process of ``app_root``.
+
+        Waits in the server's queue while the pool is at its limits, at most
+        ``timeout`` seconds if given (then :class:`GetTimeoutError`). Raises
+        :class:`QueueFullError` at once when the app's queue is full, and
+        :class:`SpawnError` when the app cannot start.
+        """
+        root = os.path.abspath(os.fspath(app_root))
+        if timeout is not None and timeout < 0:
+            raise ConfigError(f"timeout must be >= 0, not {timeout}")
+        deadline = None if timeout is None else time.monotonic() + timeout
+        last_error: OSError | None = None
+        for _ in range(CONNECT_ATTEMPTS):
+            remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
+            reply = self._call(lambda rid: Get(rid, root, remaining))
+            assert isinstance(reply, SessionGranted)
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            try:
+                sock.connect(reply.address)
+            except (ConnectionRefusedError, FileNotFoundError) as exc:
+                # The process died after the server chose it: say so, and
+                # let the server pick (or spawn) another.
+                sock.close()
+                self._notify(SessionFailed(reply.session_id))
+                last_error = exc
+                continue
+            except BaseException:
+                sock.close()
+                self._notify(CloseSession(reply.session_id))
+                raise
+            return Session(self, reply, sock)
+        raise SpawnError(
+            f"no process of {root} accepted a connection in {CONNECT_ATTEMPTS} tries"
+        ) from last_error
+
+    def statistics(self) -> PoolStatistics:
+        """A frozen snapshot of the whole pool."""
+        reply = self._call(GetStatistics)
+        assert isinstance(reply, StatisticsReply)
+        return PoolStatistics.from_dict(reply.statistics)
+
+    @property
+    def active(self) -> int:
+        """Sessions open in the whole pool."""
+        return self.statistics().active
+
+    @property
+    def count(self) -> int:
+        """Application processes alive or being spawned."""
+        return self.statistics().count
+
+    def clear(self) -> None:
+        """Retire every process; busy ones finish their sessions first."""
+        self._call(Clear)
+
+    def set_max_pool_size(self, value: int) -> None:
+        """Change the limit on processes; waiters are served at once if it rises."""
+        _check_int("max_pool_size", value, 1)
+        self._call(lambda rid: SetMaxPoolSize(rid, value))
+
+    def set_max_per_app(self, value: int) -> None:
+        """Change the limit on processes per app (0: none)."""
+        _check_int("max_per_app", value, 0)
+        self._call(lambda rid: SetMaxPerApp(rid, value))
+
+    def set_max_idle_time(self, seconds: float) -> None:
+        """Change how long a process may stay idle (0: for ever)."""
+        if isinstance(seconds, bool) or not isinstance(seconds, int | float) or seconds < 0:
+            raise ConfigError(f"max_idle_time must be a number >= 0, not {seconds!r}")
+        self._call(lambda rid: SetMaxIdleTime(rid, float(seconds)))
+
+    def restart_app(self, app_root: str | os.PathLike[str]) -> None:
+        """Restart ``app_root``: new processes for new gets, busy ones finish first."""
+        root = os.path.abspath(os.fspath(app_root))
+        self._call(lambda rid: RestartApp(rid, root))
+
+    def close(self) -> None:
+        """Close the connection. Sessions still open are released by the server."""
+        with self._cond:
+            if self._error is None:
+                self._error = ServerGoneError("this ApplicationPool was closed")
+            self._cond.notify_all()
+        with contextlib.suppress(OSError):
+            self._sock.shutdown(socket.SHUT_RDWR)
+        self._sock.close()
+
+    def __enter__(self) -> ApplicationPool:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    # --- requests and replies ---------------------------------------------------
+
+    def _handshake(self) -> None:
+        with self._cond:
+            self._sock.sendall(self._conn.send(Hello(PROTOCOL_VERSION, os.getpid())))
+        welcome = self._wait(0)
+        self.server_pid = getattr(welcome, "server_pid", 0)
+        self.client_id = getattr(welcome, "client_id", 0)
+
+    def _call(self, make: Callable[[int], Request]) -> Reply:
+        """Send a request and wait for its reply; raise the error it carries."""
+        self._check_process()
+        with self._cond:
+            if self._error is not None:
+                raise self._error
+            request_id = next(self._ids)
+            self._send_locked(make(request_id))
+        reply = self._wait(request_id)
+        if isinstance(reply, ErrorReply):
+            raise error_from_reply(reply.kind, reply.message, reply.detail)
+        assert isinstance(reply, Reply)
+        return reply
+
+    def _notify(self, notice: WireMessage) -> None:
+        """Send a notice (no reply). Quietly does nothing on a dead connection."""
+        if os.getpid() != self._pid:
+            return
+        with self._cond:
+            if self._error is None:
+                with contextlib.suppress(ActorPoolError):
+                    self._send_locked(notice)
+
+    def _send_locked(self, message: WireMessage) -> None:
+        try:
+            self._sock.sendall(self._conn.send(message))
+        except OSError as exc:
+            self._fail(ServerGoneError(f"lost the pool server: {exc}"))
+            raise self._error from exc  # type: ignore[misc]
+
+    def _wait(self, request_id: int) -> Reply | WireMessage:
+        """Block until the reply to ``request_id`` (0: the welcome) is in."""
+        try:
+            with self._cond:
+                while request_id not in self._replies:
+                    if self._error is not None:
+                        raise self._error
+                    if self._reading:
+                        self._cond.wait()
+                        continue
+                    self._reading = True
+                    try:
+                        self._cond.release()
+                        try:
+                            data = self._sock.recv(_RECV_SIZE)
+                        except OSError:
+                            data = b""
+                        finally:
+                            self._cond.acquire()
+                        self._feed(data)
+                    finally:
+                        self._reading = False
+                        self._cond.notify_all()
+                return self._replies.pop(request_id)
+        except BaseException:
+            # Interrupted (KeyboardInterrupt, say): if a session is granted
+            # later, give it straight back instead of leaking it.
+            if request_id:
+                with self._cond:
+                    self._abandoned.add(request_id)
+            raise
+
+    def _feed(self, data: bytes) -> None:
+        """Turn received bytes into replies for their waiters (lock held)."""
+        self._conn.receive_data(data)
+        while True:
+            try:
+                event = self._conn.next_event()
+            except RemoteProtocolError as exc:
+                self._fail(exc)
+                return
+            if event is NEED_DATA:
+                return
+            if event is PEER_CLOSED:
+                self._fail(ServerGoneError("the pool server closed the connection"))
+                return
+            assert isinstance(event, WireMessage)
+            if isinstance(event, Reply) and event.request_id == 0:
+                assert isinstance(event, ErrorReply)
+                self._fail(RemoteProtocolError(f"the server closed on us: {event.message}"))
+                return
+            key = event.request_id if isinstance(event, Reply) else 0
+            if key in self._abandoned:
+                self._abandoned.discard(key)
+                if isinstance(event, SessionGranted):
+                    self._send_locked(CloseSession(event.session_id))
+                continue
+            self._replies[key] = event
+
+    def _fail(self, error: ActorPoolError) -> None:
+        if self._error is None:
+            self._error = error
+
+    def _check_process(self) -> None:
+        if os.getpid() != self._pid:
+            raise ActorPoolError(
+                "an ApplicationPool cannot be used across fork(); "
+                "call server.connect() in the child"
+            )
+
+
+def _check_int(name: str, value: object, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ConfigError(f"{name} must be an int >= {minimum}, not {value!r}")
+

@@ -1,0 +1,616 @@
+"""The pool's policy: which process serves which get, when to spawn and stop.
+
+:class:`Pool` is a plain class: no threads, no clock reads, no I/O. Each
+event method takes ``now`` (seconds on a monotonic clock) and returns the
+decisions the caller must carry out: :class:`Grant` a session,
+:class:`Fail` a get, :class:`Spawn` or :class:`Stop` a process. The
+:class:`~actorpool.registry.RegistryActor` owns one and applies what it
+decides; tests drive one directly with a fake clock.
+
+The rules (design section 5):
+
+1. A process has room while its open sessions are below its concurrency.
+2. A get reuses the most recently used process of its app that has room;
+   else spawns within ``max_pool_size`` and ``max_per_app`` (processes being
+   spawned count); else, when the pool is full, stops another app's idle
+   process and spawns in its place; else waits in its app's queue.
+3. Queues are FIFO per app. Freed capacity goes first to apps that have
+   waiters and no process at all, then to the app whose process freed it,
+   then to the others by the arrival of their oldest waiter.
+4. A failed spawn fails every waiter of its app. A dead process is removed
+   and its waiters are served by a new spawn.
+5. Waiters time out; a client that goes away leaves every queue and
+   releases its sessions.
+6. Idle processes are reaped down to ``min_instances``; a process that has
+   served ``max_requests`` sessions is retired.
+
+One deliberate difference from the design text: when the pool is full, an
+idle process of another app may be stopped even when that app is at its
+``min_instances``. ``min_instances`` protects against idle reaping; if it
+also blocked eviction, a full pool of idle single-process apps would make
+every other app wait for ever. Processes of apps above ``min_instances`` are
+evicted first, least recently used first.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import itertools
+from collections import deque
+from collections.abc import Iterable, Iterator
+
+from actorpool.config import PoolConfig
+from actorpool.statistics import AppStatistics, PoolStatistics, ProcessStatistics
+
+__all__ = [
+    "Decision",
+    "Fail",
+    "Grant",
+    "Pool",
+    "Spawn",
+    "Stop",
+]
+
+
+# --- decisions ----------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Grant:
+    """Answer a get with a session on a process."""
+
+    client_id: int
+    """Whose get it was."""
+    request_id: int
+    """Which get."""
+    session_id: int
+    """The new session's id."""
+    instance_id: int
+    """The process serving it."""
+    pid: int
+    """The process's pid."""
+    app_root: str
+    """The process's app."""
+    address: str
+    """The process's socket path."""
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Fail:
+    """Answer a get with an error."""
+
+    client_id: int
+    """Whose get it was."""
+    request_id: int
+    """Which get."""
+    kind: str
+    """The error class name (``QueueFullError``, ``GetTimeoutError``, ``SpawnError``)."""
+    message: str
+    """Human-readable text."""
+    detail: str = ""
+    """The app's output, for a ``SpawnError``."""
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Spawn:
+    """Start a process for an app."""
+
+    instance_id: int
+    """The number the new process will go by."""
+    app_root: str
+    """Its app."""
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Stop:
+    """Stop a process (or cancel its spawn). The pool has already forgotten it."""
+
+    instance_id: int
+    """The process to stop."""
+    reason: str
+    """Why, for the log: ``idle``, ``evicted``, ``restart``, ``max-requests``..."""
+
+
+Decision = Grant | Fail | Spawn | Stop
+
+
+# --- state --------------------------------------------------------------------
+
+
+class _State(enum.Enum):
+    SPAWNING = "spawning"
+    READY = "ready"
+
+
+@dataclasses.dataclass(slots=True)
+class _Instance:
+    id: int
+    app_root: str
+    started_at: float
+    last_used: float
+    state: _State = _State.SPAWNING
+    retiring: bool = False
+    pid: int = 0
+    address: str = ""
+    concurrency: int = 1
+    sessions: int = 0
+    processed: int = 0
+
+    @property
+    def has_room(self) -> bool:
+        return (
+            self.state is _State.READY
+            and not self.retiring
+            and self.sessions < self.concurrency
+        )
+
+    @property
+    def is_idle(self) -> bool:
+        return self.state is _State.READY and not self.retiring and self.sessions == 0
+
+
+@dataclasses.dataclass(slots=True)
+class _Waiter:
+    client_id: int
+    request_id: int
+    app_root: str
+    deadline: float | None
+    arrival: int
+
+
+@dataclasses.dataclass(slots=True)
+class _App:
+    root: str
+    instances: dict[int, _Instance] = dataclasses.field(default_factory=dict)
+    waiters: deque[_Waiter] = dataclasses.field(default_factory=deque)
+
+    @property
+    def pending_spawns(self) -> int:
+        """Spawns under way that will serve this app's waiters."""
+        return sum(
+            1
+            for i in self.instances.values()
+            if i.state is _State.SPAWNING and not i.retiring
+        )
+
+
+@dataclasses.dataclass(slots=True)
+class _Session:
+    instance_id: int
+    client_id: int
+
+
+class Pool:
+    """The pool's state and rules, with no I/O and no clock of its own."""
+
+    def __init__(self, config: PoolConfig) -> None:
+        self.max_pool_size = config.max_pool_size
+        self.max_per_app = config.max_per_app
+        self.min_instances = config.min_instances
+        self.max_idle_time = config.max_idle_time
+        self.max_requests = config.max_requests
+        self.max_queue_size = config.max_queue_size
+        self._apps: dict[str, _App] = {}
+        self._instances: dict[int, _Instance] = {}
+        self._sessions: dict[int, _Session] = {}
+        self._instance_ids = itertools.count(1)
+        self._session_ids = itertools.count(1)
+        self._arrivals = itertools.count()
+
+    def __repr__(self) -> str:
+        return (
+            f"<Pool count={self.count}/{self.max_pool_size} active={self.active} "
+            f"waiting={self.waiting} apps={len(self._apps)}>"
+        )
+
+    # --- queries ----------------------------------------------------------
+
+    @property
+    def count(self) -> int:
+        """Processes alive or being spawned."""
+        return len(self._instances)
+
+    @property
+    def active(self) -> int:
+        """Sessions open."""
+        return len(self._sessions)
+
+    @property
+    def waiting(self) -> int:
+        """Gets queued, over every app."""
+        return sum(len(app.waiters) for app in self._apps.values())
+
+    def next_deadline(self) -> float | None:
+        """When :meth:`tick` next has something to do, or ``None``."""
+        deadlines = [
+            w.deadline
+            for app in self._apps.values()
+            for w in app.waiters
+            if w.deadline is not None
+        ]
+        if self.max_idle_time > 0:
+            for app in self._apps.values():
+                if len(app.instances) > self.min_instances:
+                    deadlines.extend(
+                        i.last_used + self.max_idle_time
+                        for i in app.instances.values()
+                        if i.is_idle
+                    )
+        return min(deadlines, default=None)
+
+    def statistics(self, now: float, *, clients: int = 0) -> PoolStatistics:
+        """A frozen snapshot of the pool at ``now``."""
+        apps = tuple(
+            AppStatistics(
+                app_root=app.root,
+                count=len(app.instances),
+                active=sum(i.sessions for i in app.instances.values()),
+                waiting=len(app.waiters),
+                processes=tuple(
+                    ProcessStatistics(
+                        instance_id=i.id,
+                        pid=i.pid,
+                        state="retiring" if i.retiring else i.state.value,
+                        sessions=i.sessions,
+                        concurrency=i.concurrency,
+                        processed=i.processed,
+                        uptime=max(0.0, now - i.started_at),
+                        idle=max(0.0, now - i.last_used),
+                    )
+                    for i in app.instances.values()
+                ),
+            )
+            for app in self._apps.values()
+        )
+        return PoolStatistics(
+            max_pool_size=self.max_pool_size,
+            max_per_app=self.max_per_app,
+            count=self.count,
+            active=self.active,
+            waiting=self.waiting,
+            clients=clients,
+            apps=apps,
+        )
+
+    # --- events from clients ----------------------------------------------
+
+    def get(
+        self,
+        client_id: int,
+        request_id: int,
+        app_root: str,
+        now: float,
+        timeout: float | None = None,
+    ) -> list[Decision]:
+        """A client asks for a session on ``app_root``."""
+        app = self._app(app_root)
+        # A non-empty queue means no process has room (dispatch never leaves
+        # both), so this get would queue behind it.
+        if self.max_queue_size and len(app.waiters) >= self.max_queue_size:
+            return [
+                Fail(
+                    client_id,
+                    request_id,
+                    "QueueFullError",
+                    f"{len(app.waiters)} requests already wait for {app_root}",
+                )
+            ]
+        deadline = None if timeout is None else now + max(0.0, timeout)
+        app.waiters.append(
+            _Waiter(client_id, request_id, app_root, deadline, next(self._arrivals))
+        )
+        decisions: list[Decision] = []
+        self._dispatch(now, decisions)
+        if deadline is not None and deadline <= now:
+            self._expire_waiters(now, decisions)
+        return decisions
+
+    def close_session(self, client_id: int, session_id: int, now: float) -> list[Decision]:
+        """A client is done with a session. Others' sessions are left alone."""
+        session = self._sessions.get(session_id)
+        if session is None or session.client_id != client_id:
+            return []
+        decisions: list[Decision] = []
+        self._release(session_id, now, decisions)
+        self._dispatch(now, decisions)
+        return decisions
+
+    def session_failed(self, client_id: int, session_id: int, now: float) -> list[Decision]:
+        """A client could not connect to its session's process: it is dead."""
+        session = self._sessions.get(session_id)
+        if session is None or session.client_id != client_id:
+            return []
+        del self._sessions[session_id]
+        decisions: list[Decision] = []
+        instance = self._instances.get(session.instance_id)
+        if instance is not None:
+            self._remove(instance, "unreachable", decisions)
+        self._dispatch(now, decisions)
+        return decisions
+
+    def client_gone(self, client_id: int, now: float) -> list[Decision]:
+        """A client disconnected: drop its waiters, release its sessions."""
+        for app in self._apps.values():
+            if any(w.client_id == client_id for w in app.waiters):
+                app.waiters = deque(w for w in app.waiters if w.client_id != client_id)
+        decisions: list[Decision] = []
+        for session_id in [
+            sid for sid, s in self._sessions.items() if s.client_id == client_id
+        ]:
+            self._release(session_id, now, decisions)
+        self._forget_empty_apps()
+        self._dispatch(now, decisions)
+        return decisions
+
+    # --- events from the spawner ------------------------------------------
+
+    def instance_ready(
+        self, instance_id: int, pid: int, address: str, concurrency: int, now: float
+    ) -> list[Decision]:
+        """A spawn finished and the process accepts sessions."""
+        instance = self._instances.get(instance_id)
+        if instance is None or instance.state is not _State.SPAWNING:
+            # Stopped while it was being spawned; make sure it goes away.
+            return [Stop(instance_id, "cancelled")]
+        instance.state = _State.READY
+        instance.pid = pid
+        instance.address = address
+        instance.concurrency = max(1, concurrency)
+        instance.last_used = now
+        decisions: list[Decision] = []
+        if instance.retiring:  # its app restarted while it was starting
+            self._remove(instance, "restart", decisions)
+        self._dispatch(now, decisions, freed_app=instance.app_root)
+        return decisions
+
+    def spawn_failed(
+        self, instance_id: int, message: str, detail: str, now: float
+    ) -> list[Decision]:
+        """A spawn failed: every waiter of its app gets the error."""
+        instance = self._instances.get(instance_id)
+        if instance is None:
+            return []
+        decisions: list[Decision] = []
+        app = self._apps[instance.app_root]
+        self._remove(instance, "spawn-failed", decisions, stop=False)
+        for waiter in app.waiters:
+            decisions.append(
+                Fail(waiter.client_id, waiter.request_id, "SpawnError", message, detail)
+            )
+        app.waiters.clear()
+        self._forget_empty_apps()
+        self._dispatch(now, decisions)
+        return decisions
+
+    def instance_exited(self, instance_id: int, now: float) -> list[Decision]:
+        """A process exited; its sessions end and its slot is free."""
+        instance = self._instances.get(instance_id)
+        if instance is None:
+            return []
+        decisions: list[Decision] = []
+        self._remove(instance, "exited", decisions, stop=False)
+        self._dispatch(now, decisions, freed_app=instance.app_root)
+        return decisions
+
+    # --- events from the clock and the administrator ------------------------
+
+    def tick(self, now: float) -> list[Decision]:
+        """Time passed: time out waiters, reap idle processes."""
+        decisions: list[Decision] = []
+        self._expire_waiters(now, decisions)
+        if self.max_idle_time > 0:
+            for app in list(self._apps.values()):
+                idle = sorted(
+                    (i for i in app.instances.values() if i.is_idle),
+                    key=lambda i: i.last_used,
+                )
+                for instance in idle:
+                    if len(app.instances) <= self.min_instances:
+                        break
+                    if now - instance.last_used < self.max_idle_time:
+                        break
+                    self._remove(instance, "idle", decisions)
+        self._forget_empty_apps()
+        self._dispatch(now, decisions)
+        return decisions
+
+    def restart_app(self, app_root: str, now: float) -> list[Decision]:
+        """Retire every process of ``app_root``; busy ones finish first."""
+        decisions: list[Decision] = []
+        app = self._apps.get(app_root)
+        if app is not None:
+            self._retire(app.instances.values(), "restart", decisions)
+            self._dispatch(now, decisions)
+        return decisions
+
+    def clear(self, now: float) -> list[Decision]:
+        """Retire every process of every app; busy ones finish first."""
+        decisions: list[Decision] = []
+        self._retire(list(self._instances.values()), "clear", decisions)
+        self._dispatch(now, decisions)
+        return decisions
+
+    def set_max_pool_size(self, value: int, now: float) -> list[Decision]:
+        """Change ``max_pool_size``: stop idle processes over it, serve waiters under it."""
+        self.max_pool_size = value
+        decisions: list[Decision] = []
+        for instance in self._idle_by_age(self._instances.values()):
+            if self.count <= value:
+                break
+            self._remove(instance, "limit", decisions)
+        self._dispatch(now, decisions)
+        return decisions
+
+    def set_max_per_app(self, value: int, now: float) -> list[Decision]:
+        """Change ``max_per_app``: stop idle processes over it, serve waiters under it."""
+        self.max_per_app = value
+        decisions: list[Decision] = []
+        if value:
+            for app in self._apps.values():
+                for instance in self._idle_by_age(app.instances.values()):
+                    if len(app.instances) <= value:
+                        break
+                    self._remove(instance, "limit", decisions)
+        self._dispatch(now, decisions)
+        return decisions
+
+    def set_max_idle_time(self, value: float, now: float) -> list[Decision]:
+        """Change ``max_idle_time``; the next tick reaps with it."""
+        self.max_idle_time = value
+        return self.tick(now)
+
+    # --- internals ----------------------------------------------------------
+
+    def _app(self, app_root: str) -> _App:
+        app = self._apps.get(app_root)
+        if app is None:
+            app = self._apps[app_root] = _App(app_root)
+        return app
+
+    def _forget_empty_apps(self) -> None:
+        for root in [r for r, a in self._apps.items() if not a.instances and not a.waiters]:
+            del self._apps[root]
+
+    def _release(self, session_id: int, now: float, decisions: list[Decision]) -> None:
+        session = self._sessions.pop(session_id)
+        instance = self._instances.get(session.instance_id)
+        if instance is None:
+            return
+        instance.sessions -= 1
+        instance.last_used = now
+        if instance.retiring and instance.sessions == 0:
+            reason = "max-requests" if self._used_up(instance) else "retired"
+            self._remove(instance, reason, decisions)
+
+    def _used_up(self, instance: _Instance) -> bool:
+        return 0 < self.max_requests <= instance.processed
+
+    def _retire(
+        self, instances: Iterable[_Instance], reason: str, decisions: list[Decision]
+    ) -> None:
+        for instance in list(instances):
+            if instance.is_idle:
+                self._remove(instance, reason, decisions)
+            else:
+                instance.retiring = True
+
+    def _remove(
+        self,
+        instance: _Instance,
+        reason: str,
+        decisions: list[Decision],
+        *,
+        stop: bool = True,
+    ) -> None:
+        del self._instances[instance.id]
+        del self._apps[instance.app_root].instances[instance.id]
+        if instance.sessions:
+            # Its sessions end with it; a later close of one is a no-op.
+            for sid in [
+                sid for sid, s in self._sessions.items() if s.instance_id == instance.id
+            ]:
+                del self._sessions[sid]
+        if stop:
+            decisions.append(Stop(instance.id, reason))
+
+    def _grant(self, waiter: _Waiter, instance: _Instance, now: float) -> Grant:
+        session_id = next(self._session_ids)
+        self._sessions[session_id] = _Session(instance.id, waiter.client_id)
+        instance.sessions += 1
+        instance.processed += 1
+        instance.last_used = now
+        if self._used_up(instance):
+            instance.retiring = True
+        return Grant(
+            waiter.client_id,
+            waiter.request_id,
+            session_id,
+            instance.id,
+            instance.pid,
+            instance.app_root,
+            instance.address,
+        )
+
+    def _expire_waiters(self, now: float, decisions: list[Decision]) -> None:
+        for app in self._apps.values():
+            expired = [w for w in app.waiters if w.deadline is not None and w.deadline <= now]
+            if not expired:
+                continue
+            gone = {id(w) for w in expired}
+            app.waiters = deque(w for w in app.waiters if id(w) not in gone)
+            decisions.extend(
+                Fail(
+                    w.client_id,
+                    w.request_id,
+                    "GetTimeoutError",
+                    f"no process of {w.app_root} became free in time",
+                )
+                for w in expired
+            )
+
+    def _dispatch(
+        self, now: float, decisions: list[Decision], freed_app: str | None = None
+    ) -> None:
+        """Hand capacity to waiters until nothing more can be done."""
+        self._serve_from_room(now, decisions)
+        for app in self._apps_wanting_spawns(freed_app):
+            while self._wants_spawn(app):
+                if self.count >= self.max_pool_size and not self._evict_for(
+                    app, decisions
+                ):
+                    self._forget_empty_apps()
+                    return
+                instance = _Instance(next(self._instance_ids), app.root, now, now)
+                self._instances[instance.id] = instance
+                app.instances[instance.id] = instance
+                decisions.append(Spawn(instance.id, app.root))
+        self._forget_empty_apps()
+
+    def _serve_from_room(self, now: float, decisions: list[Decision]) -> None:
+        for app in self._apps.values():
+            while app.waiters:
+                candidates = [i for i in app.instances.values() if i.has_room]
+                if not candidates:
+                    break
+                instance = max(candidates, key=lambda i: i.last_used)
+                decisions.append(self._grant(app.waiters.popleft(), instance, now))
+
+    def _wants_spawn(self, app: _App) -> bool:
+        if len(app.waiters) <= app.pending_spawns:
+            return False
+        return not self.max_per_app or len(app.instances) < self.max_per_app
+
+    def _apps_wanting_spawns(self, freed_app: str | None) -> list[_App]:
+        wanting = [a for a in self._apps.values() if self._wants_spawn(a)]
+        # Apps with no process at all first (no app starves), then the app
+        # whose capacity was freed, then by the arrival of the oldest waiter.
+        wanting.sort(
+            key=lambda a: (bool(a.instances), a.root != freed_app, a.waiters[0].arrival)
+        )
+        return wanting
+
+    def _evict_for(self, app: _App, decisions: list[Decision]) -> bool:
+        """Stop another app's idle process to make room for ``app``; True if done."""
+        candidates = [
+            i
+            for other in self._apps.values()
+            if other is not app
+            for i in other.instances.values()
+            if i.is_idle
+        ]
+        if not candidates:
+            return False
+        victim = min(
+            candidates,
+            key=lambda i: (
+                len(self._apps[i.app_root].instances) <= self.min_instances,
+                i.last_used,
+            ),
+        )
+        self._remove(victim, "evicted", decisions)
+        return True
+
+    @staticmethod
+    def _idle_by_age(instances: Iterable[_Instance]) -> Iterator[_Instance]:
+        yield from sorted((i for i in instances if i.is_idle), key=lambda i: i.last_used)

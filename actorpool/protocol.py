@@ -1,0 +1,268 @@
+"""The wire protocol as a sans-IO state machine.
+
+A :class:`Connection` does no I/O, starts no threads and knows nothing of
+pykka: bytes go in through :meth:`Connection.receive_data` and come out as
+messages from :meth:`Connection.next_event`; messages go in through
+:meth:`Connection.send` and come out as bytes to write. Both ends of the wire
+use the same class, with their own :class:`Role`.
+
+Framing: each message is a 4-byte big-endian length followed by that many
+bytes of msgpack (see :mod:`actorpool.messages`). The length is checked
+before the body is buffered, so an oversized frame costs nothing.
+
+Every legal step is one row of :data:`TRANSITIONS`; anything else is a
+protocol error. Errors in what the peer sent raise
+:class:`~actorpool.errors.RemoteProtocolError` and leave the connection in
+``ERROR``; errors in what we try to send raise
+:class:`~actorpool.errors.LocalProtocolError`.
+"""
+
+from __future__ import annotations
+
+import enum
+import struct
+from typing import Final
+
+from actorpool.errors import LocalProtocolError, RemoteProtocolError
+from actorpool.messages import (
+    Category,
+    ErrorReply,
+    Reply,
+    Request,
+    WireMessage,
+    decode,
+    encode,
+)
+
+__all__ = [
+    "MAX_FRAME_SIZE",
+    "MAX_IN_FLIGHT",
+    "NEED_DATA",
+    "PEER_CLOSED",
+    "TRANSITIONS",
+    "Connection",
+    "Direction",
+    "Role",
+    "State",
+]
+
+MAX_FRAME_SIZE: Final = 1 << 20
+"""Largest frame body accepted by default (1 MiB)."""
+
+MAX_IN_FLIGHT: Final = 1024
+"""Most requests a server accepts from one client before it has replied."""
+
+_HEADER = struct.Struct(">I")
+
+
+class Role(enum.Enum):
+    """Which end of the wire a connection is."""
+
+    CLIENT = "client"
+    SERVER = "server"
+
+
+class State(enum.Enum):
+    """Where a connection is in its life."""
+
+    START = "start"
+    """Client: must send ``Hello``. Server: waits for ``Hello``."""
+    AWAIT_WELCOME = "await-welcome"
+    """Client: has sent ``Hello``, waits for ``Welcome``."""
+    SEND_WELCOME = "send-welcome"
+    """Server: has received ``Hello``, must answer it."""
+    OPEN = "open"
+    """Requests, notices and replies flow."""
+    ERROR = "error"
+    """The peer broke the protocol; a server may still send its error reply."""
+    CLOSED = "closed"
+    """Nothing more may be sent or received."""
+
+
+class Direction(enum.Enum):
+    """Whether a message is being sent or was received."""
+
+    SEND = "send"
+    RECEIVE = "receive"
+
+
+class _Sentinel:
+    def __init__(self, name: str) -> None:
+        self._name = name
+
+    def __repr__(self) -> str:
+        return self._name
+
+
+NEED_DATA: Final = _Sentinel("NEED_DATA")
+"""From :meth:`Connection.next_event`: no whole frame is buffered yet."""
+
+PEER_CLOSED: Final = _Sentinel("PEER_CLOSED")
+"""From :meth:`Connection.next_event`: the peer closed its end cleanly."""
+
+_C, _S = Role.CLIENT, Role.SERVER
+_SEND, _RECV = Direction.SEND, Direction.RECEIVE
+
+TRANSITIONS: Final[dict[tuple[Role, State, Direction, Category], State]] = {
+    # The client opens with a hello and waits for the welcome.
+    (_C, State.START, _SEND, Category.HELLO): State.AWAIT_WELCOME,
+    (_C, State.AWAIT_WELCOME, _RECV, Category.WELCOME): State.OPEN,
+    # A server that refuses the hello says why in a connection-level error.
+    (_C, State.AWAIT_WELCOME, _RECV, Category.REPLY): State.CLOSED,
+    (_C, State.OPEN, _SEND, Category.REQUEST): State.OPEN,
+    (_C, State.OPEN, _SEND, Category.NOTICE): State.OPEN,
+    (_C, State.OPEN, _RECV, Category.REPLY): State.OPEN,
+    # The server waits for the hello, then must answer it.
+    (_S, State.START, _RECV, Category.HELLO): State.SEND_WELCOME,
+    (_S, State.SEND_WELCOME, _SEND, Category.WELCOME): State.OPEN,
+    (_S, State.SEND_WELCOME, _SEND, Category.REPLY): State.CLOSED,
+    (_S, State.OPEN, _RECV, Category.REQUEST): State.OPEN,
+    (_S, State.OPEN, _RECV, Category.NOTICE): State.OPEN,
+    (_S, State.OPEN, _SEND, Category.REPLY): State.OPEN,
+    # After the client broke the protocol the server may explain, then close.
+    (_S, State.ERROR, _SEND, Category.REPLY): State.CLOSED,
+}
+"""Every legal step: (our role, state, direction, message category) -> next state.
+
+A ``REPLY`` with request id 0 is a connection-level error: receiving one in
+``OPEN`` closes the connection too (see :meth:`Connection.next_event`)."""
+
+
+class Connection:
+    """One end of a client/server connection, with no I/O of its own."""
+
+    def __init__(
+        self,
+        role: Role,
+        *,
+        max_frame_size: int = MAX_FRAME_SIZE,
+        max_in_flight: int = MAX_IN_FLIGHT,
+    ) -> None:
+        self.role: Final = role
+        self.state = State.START
+        self.max_frame_size: Final = max_frame_size
+        self.max_in_flight: Final = max_in_flight
+        self._buffer = bytearray()
+        self._eof = False
+        self._in_flight: set[int] = set()
+
+    def __repr__(self) -> str:
+        return (
+            f"<Connection {self.role.value} {self.state.value} "
+            f"in_flight={len(self._in_flight)} buffered={len(self._buffer)}>"
+        )
+
+    @property
+    def in_flight(self) -> int:
+        """Requests sent (client) or received (server) and not yet answered."""
+        return len(self._in_flight)
+
+    # --- sending ---------------------------------------------------------
+
+    def send(self, message: WireMessage) -> bytes:
+        """Check that sending ``message`` is legal now; return its frame."""
+        self._step(_SEND, message, LocalProtocolError)
+        if isinstance(message, Request):
+            if message.request_id == 0 or message.request_id in self._in_flight:
+                raise LocalProtocolError(
+                    f"request id {message.request_id} is 0 or already in flight"
+                )
+            self._in_flight.add(message.request_id)
+        elif isinstance(message, Reply) and message.request_id != 0:
+            if message.request_id not in self._in_flight:
+                raise LocalProtocolError(
+                    f"reply to request {message.request_id}, which is not in flight"
+                )
+            self._in_flight.discard(message.request_id)
+        body = encode(message)
+        if len(body) > self.max_frame_size:
+            raise LocalProtocolError(f"frame of {len(body)} bytes is over the limit")
+        return _HEADER.pack(len(body)) + body
+
+    def send_protocol_error(self, text: str) -> bytes:
+        """The frame that tells the client why the server is closing on it."""
+        return self.send(ErrorReply(0, "ProtocolError", text))
+
+    # --- receiving -------------------------------------------------------
+
+    def receive_data(self, data: bytes) -> None:
+        """Buffer bytes read from the peer; ``b""`` means the peer closed."""
+        if self._eof and data:
+            raise LocalProtocolError("data after end of stream")
+        if data:
+            self._buffer += data
+        else:
+            self._eof = True
+
+    def next_event(self) -> WireMessage | _Sentinel:
+        """The next message, ``NEED_DATA`` or ``PEER_CLOSED``.
+
+        Raises :class:`RemoteProtocolError` (and moves to ``ERROR``) when the
+        peer sent something it must not have.
+        """
+        if self.state is State.ERROR:
+            raise RemoteProtocolError("the connection already failed")
+        try:
+            return self._next_event()
+        except RemoteProtocolError:
+            self.state = State.ERROR
+            raise
+
+    def _next_event(self) -> WireMessage | _Sentinel:
+        if len(self._buffer) >= _HEADER.size:
+            (size,) = _HEADER.unpack_from(self._buffer)
+            if size == 0 or size > self.max_frame_size:
+                raise RemoteProtocolError(
+                    f"frame of {size} bytes (the limit is {self.max_frame_size})"
+                )
+            end = _HEADER.size + size
+            if len(self._buffer) >= end:
+                body = bytes(self._buffer[_HEADER.size : end])
+                del self._buffer[:end]
+                message = decode(body, max_size=self.max_frame_size)
+                self._receive(message)
+                return message
+        if not self._eof:
+            return NEED_DATA
+        if self._buffer:
+            raise RemoteProtocolError("the peer closed in the middle of a frame")
+        self.state = State.CLOSED
+        return PEER_CLOSED
+
+    def _receive(self, message: WireMessage) -> None:
+        self._step(_RECV, message, RemoteProtocolError)
+        if isinstance(message, Request):
+            if message.request_id == 0 or message.request_id in self._in_flight:
+                raise RemoteProtocolError(
+                    f"request id {message.request_id} is 0 or already in flight"
+                )
+            if len(self._in_flight) >= self.max_in_flight:
+                raise RemoteProtocolError(
+                    f"more than {self.max_in_flight} requests in flight"
+                )
+            self._in_flight.add(message.request_id)
+        elif isinstance(message, Reply):
+            if message.request_id == 0:
+                self.state = State.CLOSED  # a connection-level error
+            elif message.request_id in self._in_flight:
+                self._in_flight.discard(message.request_id)
+            else:
+                raise RemoteProtocolError(
+                    f"reply to request {message.request_id}, which is not in flight"
+                )
+
+    def _step(
+        self,
+        direction: Direction,
+        message: WireMessage,
+        error: type[LocalProtocolError] | type[RemoteProtocolError],
+    ) -> None:
+        key = (self.role, self.state, direction, message.CATEGORY)
+        next_state = TRANSITIONS.get(key)
+        if next_state is None:
+            verb = "send" if direction is _SEND else "receive"
+            raise error(
+                f"a {self.role.value} in state {self.state.value} "
+                f"cannot {verb} {type(message).__name__}"
+            )
+        self.state = next_state

@@ -1,0 +1,289 @@
+"""ApplicationPoolServer: starts the pool server process and connects to it.
+
+The server runs in a fresh interpreter (``subprocess`` with
+``sys.executable``), never in a bare ``fork()`` of the caller, and the
+caller keeps nothing but one end of the connect channel and the child's
+process handle: no threads. So the process that made the server can go on
+to ``fork()`` workers safely, the way a prefork web server does, and each
+child calls :meth:`ApplicationPoolServer.connect` then
+:meth:`ApplicationPoolServer.detach`.
+
+Inside the server process the actors start in order (spawner, registry,
+acceptor) and stop in reverse; stopping the spawner stops every
+application process.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import logging
+import os
+import pickle
+import select
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from types import TracebackType
+from typing import Any, BinaryIO
+
+from actorpool.acceptor import ACCEPTED, CONNECT, SHUTDOWN, AcceptorActor
+from actorpool.client import ApplicationPool
+from actorpool.config import PoolConfig
+from actorpool.errors import ActorPoolError, RemoteProtocolError, ServerGoneError
+from actorpool.fdpassing import recv_fd
+from actorpool.registry import RegistryActor
+from actorpool.spawner import Spawner, SpawnerActor
+
+__all__ = ["ApplicationPoolServer"]
+
+logger = logging.getLogger(__name__)
+
+_BOOT = "from actorpool.server import _server_main; _server_main()"
+
+
+@dataclasses.dataclass(frozen=True)
+class _Bootstrap:
+    config: PoolConfig
+    spawner: Spawner
+    channel_fd: int
+    log_level: int
+
+
+class ApplicationPoolServer:
+    """A pool server in its own process, reachable only through :meth:`connect`.
+
+    ``config`` sets the pool's limits; ``spawner`` starts application
+    processes (it is pickled into the server process). The constructor
+    returns once the server is ready, or raises
+    :class:`~actorpool.errors.ActorPoolError` if it could not start within
+    ``start_timeout`` seconds.
+    """
+
+    def __init__(
+        self,
+        config: PoolConfig | None = None,
+        *,
+        spawner: Spawner,
+        start_timeout: float = 30.0,
+    ) -> None:
+        self.config = config or PoolConfig()
+        self._creator_pid = os.getpid()
+        self._connect_lock = threading.Lock()
+        self._channel: socket.socket | None
+        self._channel, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        boot = _Bootstrap(
+            self.config,
+            spawner,
+            theirs.fileno(),
+            logging.getLogger("actorpool").getEffectiveLevel(),
+        )
+        payload = pickle.dumps((list(sys.path), pickle.dumps(boot)))
+        try:
+            self._process = subprocess.Popen(
+                [sys.executable, "-c", _BOOT],
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                pass_fds=(theirs.fileno(),),
+                # Own session: a Ctrl-C meant for the creator does not kill
+                # the server behind its back; the creator's close() does.
+                start_new_session=True,
+            )
+        except BaseException:
+            self._channel.close()
+            raise
+        finally:
+            theirs.close()
+        try:
+            self._await_ready(payload, start_timeout)
+        except BaseException:
+            self._kill()
+            raise
+
+    def __repr__(self) -> str:
+        state = "detached" if self._channel is None else "attached"
+        return f"<ApplicationPoolServer pid={self.pid} {state}>"
+
+    @property
+    def pid(self) -> int:
+        """Process id of the pool server."""
+        return self._process.pid
+
+    def connect(self) -> ApplicationPool:
+        """Open a new connection to the server, as an :class:`ApplicationPool`.
+
+        Works in the creating process and in any process forked from it that
+        has not called :meth:`detach`. Each call gives a separate connection.
+        """
+        with self._connect_lock:
+            if self._channel is None:
+                raise ActorPoolError("this ApplicationPoolServer was detached or closed")
+            try:
+                self._channel.send(CONNECT)
+                data, fd = recv_fd(self._channel, 64)
+            except OSError as exc:
+                raise ServerGoneError(f"cannot reach the pool server: {exc}") from exc
+        if fd is None or data != ACCEPTED:
+            if fd is not None:
+                os.close(fd)
+            if not data:
+                raise ServerGoneError("the pool server has stopped")
+            raise RemoteProtocolError(f"unexpected answer on the connect channel: {data!r}")
+        return ApplicationPool(socket.socket(fileno=fd))
+
+    def detach(self) -> None:
+        """Close this process's copy of the connect channel.
+
+        Call it in a forked child after :meth:`connect`: connections already
+        made keep working, and the server can shut down once the creator and
+        every child have let go of the channel. Idempotent.
+        """
+        with self._connect_lock:
+            if self._channel is not None:
+                self._channel.close()
+                self._channel = None
+        self._close_pipes()
+
+    def close(self, timeout: float = 10.0) -> None:
+        """Stop the server and every application process, and wait for it.
+
+        In a process forked from the creator this only detaches. Idempotent.
+        """
+        if os.getpid() != self._creator_pid:
+            self.detach()
+            return
+        with self._connect_lock:
+            if self._channel is not None:
+                with contextlib.suppress(OSError):
+                    self._channel.send(SHUTDOWN)
+                self._channel.close()
+                self._channel = None
+        try:
+            self._process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            logger.error("the pool server did not stop in %.0f s; killing it", timeout)
+            self._kill()
+        self._close_pipes()
+
+    def __enter__(self) -> ApplicationPoolServer:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    # --- start-up -------------------------------------------------------------
+
+    def _await_ready(self, payload: bytes, timeout: float) -> None:
+        stdin, stdout = self._process.stdin, self._process.stdout
+        assert stdin is not None and stdout is not None
+        try:
+            stdin.write(payload)
+            stdin.close()
+        except BrokenPipeError:
+            pass  # it died at once; the status read below says so
+        status = _read_status(stdout, time.monotonic() + timeout)
+        stdout.close()
+        if status != b"ready":
+            reason = status.decode(errors="replace") or "it exited during start-up"
+            raise ActorPoolError(f"the pool server failed to start: {reason}")
+
+    def _kill(self) -> None:
+        with contextlib.suppress(ProcessLookupError):
+            self._process.kill()
+        self._process.wait()
+        if self._channel is not None:
+            self._channel.close()
+            self._channel = None
+        self._close_pipes()
+
+    def _close_pipes(self) -> None:
+        for pipe in (self._process.stdin, self._process.stdout):
+            if pipe is not None and not pipe.closed:
+                pipe.close()
+
+
+def _read_status(stdout: BinaryIO, deadline: float) -> bytes:
+    chunks: list[bytes] = []
+    fd = stdout.fileno()
+    while True:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise ActorPoolError("the pool server did not start in time")
+        ready, _, _ = select.select([fd], [], [], remaining)
+        if not ready:
+            continue
+        chunk = os.read(fd, 4096)
+        if not chunk:
+            return b"".join(chunks).strip()
+        chunks.append(chunk)
+        if b"\n" in chunk:
+            return b"".join(chunks).split(b"\n", 1)[0].strip()
+
+
+# --- inside the server process -----------------------------------------------------
+
+
+def _server_main() -> None:
+    """Entry point of the server process (see ``_BOOT``)."""
+    status = os.fdopen(os.dup(1), "wb", buffering=0)
+    os.dup2(2, 1)  # anything printed from now on goes to the log, not the status pipe
+    try:
+        path, boot_bytes = pickle.load(sys.stdin.buffer)
+        sys.path[:] = path
+        boot: _Bootstrap = pickle.loads(boot_bytes)
+        # Nothing more comes on stdin; instances must not inherit the pipe.
+        devnull = os.open(os.devnull, os.O_RDONLY)
+        os.dup2(devnull, 0)
+        os.close(devnull)
+    except BaseException as exc:
+        status.write(f"bad bootstrap: {exc!r}\n".encode())
+        raise
+    logging.basicConfig(
+        level=boot.log_level,
+        format=f"%(asctime)s actorpool[{os.getpid()}] %(levelname)s %(name)s: %(message)s",
+    )
+    _run_server(boot, status)
+
+
+def _run_server(boot: _Bootstrap, status: Any) -> None:
+    channel = socket.socket(fileno=boot.channel_fd)
+    socket_dir = tempfile.mkdtemp(prefix="actorpool-")  # mode 0700
+    stopping = threading.Event()
+    # Signal handlers only set the event; the main thread does the work.
+    signal.signal(signal.SIGTERM, lambda *_: stopping.set())
+    signal.signal(signal.SIGINT, lambda *_: stopping.set())
+    started: list[Any] = []
+    try:
+        spawner = SpawnerActor.start(boot.spawner, socket_dir, boot.config.spawn_timeout)
+        started.append(spawner)
+        registry = RegistryActor.start(boot.config, spawner, on_fatal=stopping.set)
+        started.append(registry)
+        started.append(AcceptorActor.start(channel, registry, on_close=stopping.set))
+    except BaseException as exc:
+        status.write(f"{exc!r}\n".encode())
+        _stop_all(started)
+        shutil.rmtree(socket_dir, ignore_errors=True)
+        raise
+    status.write(b"ready\n")
+    status.close()
+    logger.info("pool server ready (pid %d, sockets in %s)", os.getpid(), socket_dir)
+    stopping.wait()
+    logger.info("pool server stopping")
+    _stop_all(started)
+    shutil.rmtree(socket_dir, ignore_errors=True)
+
+
+def _stop_all(refs: list[Any]) -> None:
+    for ref in reversed(refs):
+        with contextlib.suppress(Exception):
+            ref.stop()

@@ -1,0 +1,177 @@
+"""ClientSessionActor: the server's side of one client connection.
+
+A reader thread does the only blocking thing, ``recv``, and tells the actor
+what arrived. The actor feeds the bytes to a sans-IO
+:class:`~actorpool.protocol.Connection`, forwards each request to the
+registry with a ``tell`` (the reply comes back later as a message to this
+actor), and writes replies to the socket. When the client closes, or sends
+anything the protocol does not allow, the actor closes this one connection
+and tells the registry, which releases every session and waiter the client
+had. Nothing else in the server is affected.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import logging
+import os
+import socket
+import struct
+import threading
+from typing import Any
+
+import pykka
+
+from actorpool.errors import LocalProtocolError, RemoteProtocolError
+from actorpool.messages import (
+    PROTOCOL_VERSION,
+    ClientAttached,
+    ClientDetached,
+    ClientRequest,
+    CloseSession,
+    Hello,
+    Reply,
+    Request,
+    SessionFailed,
+    Welcome,
+)
+from actorpool.protocol import NEED_DATA, PEER_CLOSED, Connection, Role, State
+
+__all__ = ["ClientSessionActor"]
+
+logger = logging.getLogger(__name__)
+
+MAX_REQUEST_FRAME = 64 * 1024
+"""Largest frame a client may send; every request is far smaller."""
+
+SEND_TIMEOUT = 10.0
+"""Seconds a reply may wait for a client that does not read before it is dropped."""
+
+_RECV_SIZE = 64 * 1024
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Received:
+    """Reader thread to its actor: bytes from the client (``b""``: it closed)."""
+
+    data: bytes
+    """What ``recv`` returned."""
+
+
+class ClientSessionActor(pykka.ThreadingActor):
+    """Speaks the protocol with one client on behalf of the registry."""
+
+    def __init__(
+        self, sock: socket.socket, client_id: int, registry: pykka.ActorRef[Any]
+    ) -> None:
+        super().__init__()
+        self._sock = sock
+        self._client_id = client_id
+        self._registry = registry
+        self._conn = Connection(Role.SERVER, max_frame_size=MAX_REQUEST_FRAME)
+        self._reader = threading.Thread(
+            target=self._read, name=f"actorpool-client-{client_id}", daemon=True
+        )
+        # A client that stops reading must not hold this actor for ever.
+        seconds = int(SEND_TIMEOUT)
+        micros = int((SEND_TIMEOUT - seconds) * 1e6)
+        sock.setsockopt(
+            socket.SOL_SOCKET, socket.SO_SNDTIMEO, struct.pack("ll", seconds, micros)
+        )
+
+    def __repr__(self) -> str:
+        return f"<ClientSessionActor client={self._client_id} {self._conn!r}>"
+
+    def on_start(self) -> None:
+        self._registry.tell(ClientAttached(self._client_id, self.actor_urn))
+        self._reader.start()
+
+    def on_receive(self, message: Any) -> None:
+        if isinstance(message, Received):
+            self._on_data(message.data)
+        elif isinstance(message, Reply):
+            self._send(message)
+        else:
+            logger.warning("ClientSessionActor ignores unexpected message %r", message)
+
+    def on_stop(self) -> None:
+        self._close()
+
+    def on_failure(self, *_exc_info: object) -> None:
+        self._close()
+
+    # --- from the client ------------------------------------------------------
+
+    def _on_data(self, data: bytes) -> None:
+        self._conn.receive_data(data)
+        while True:
+            try:
+                event = self._conn.next_event()
+            except RemoteProtocolError as exc:
+                self._fail(str(exc))
+                return
+            if event is NEED_DATA:
+                return
+            if event is PEER_CLOSED:
+                self.stop()
+                return
+            if isinstance(event, Hello):
+                self._welcome(event)
+            elif isinstance(event, Request | CloseSession | SessionFailed):
+                self._registry.tell(ClientRequest(self._client_id, event))
+
+    def _welcome(self, hello: Hello) -> None:
+        if hello.version != PROTOCOL_VERSION:
+            self._fail(
+                f"protocol version {hello.version} is not supported "
+                f"(this server speaks {PROTOCOL_VERSION})"
+            )
+            return
+        logger.debug("client %d (pid %d) connected", self._client_id, hello.client_pid)
+        self._send(Welcome(PROTOCOL_VERSION, os.getpid(), self._client_id))
+
+    def _fail(self, text: str) -> None:
+        logger.warning("closing client %d: %s", self._client_id, text)
+        if self._conn.state in (State.ERROR, State.SEND_WELCOME):
+            with contextlib.suppress(OSError, LocalProtocolError):
+                self._sock.sendall(self._conn.send_protocol_error(text))
+        self.stop()
+
+    # --- to the client --------------------------------------------------------
+
+    def _send(self, message: Welcome | Reply) -> None:
+        if self._conn.state is not State.OPEN and not isinstance(message, Welcome):
+            return  # closing: replies still in the inbox have nowhere to go
+        try:
+            self._sock.sendall(self._conn.send(message))
+        except OSError as exc:
+            logger.warning("dropping client %d: %s", self._client_id, exc)
+            self.stop()
+
+    # --- the reader thread and clean-up ----------------------------------------
+
+    def _read(self) -> None:
+        while True:
+            try:
+                data = self._sock.recv(_RECV_SIZE)
+            except OSError:
+                data = b""
+            try:
+                self.actor_ref.tell(Received(data))
+            except pykka.ActorDeadError:
+                return
+            if not data:
+                return
+
+    def _close(self) -> None:
+        # shutdown() wakes the reader's recv; only then is closing safe,
+        # so that the descriptor cannot be reused under the reader's feet.
+        with contextlib.suppress(OSError):
+            self._sock.shutdown(socket.SHUT_RDWR)
+        if self._reader.is_alive() and self._reader is not threading.current_thread():
+            self._reader.join()
+        self._sock.close()
+        # Only after the descriptor is closed: whoever sees the client gone
+        # from the registry sees its descriptor gone too.
+        self._registry.tell(ClientDetached(self._client_id))

@@ -1,0 +1,250 @@
+"""The Spawner protocol and the SpawnerActor that runs it off the registry.
+
+A :class:`Spawner` knows how to start one application process and hands back
+an :class:`Instance`. It is the replaceable part: ``FakeSpawner`` for tests,
+``DirectSpawner`` and ``SmartSpawner`` for real apps. A spawner object is
+made in the user's process and pickled into the server process, so it holds
+configuration only until :meth:`Spawner.start` runs there.
+
+:class:`SpawnerActor` calls the spawner. Every spawn runs on a thread of its
+own, so a slow or hung app start delays only the clients that wait for that
+app; each running instance has a watcher thread that reports its exit. The
+actor talks to the registry only with messages from :mod:`actorpool.messages`.
+"""
+
+from __future__ import annotations
+
+import abc
+import dataclasses
+import logging
+import threading
+import time
+from typing import Any, Protocol
+
+import pykka
+
+from actorpool.errors import SpawnError
+from actorpool.messages import (
+    InstanceExited,
+    InstanceReady,
+    RegistryAttached,
+    SpawnFailed,
+    SpawnInstance,
+    StopInstance,
+)
+
+__all__ = ["Instance", "SpawnRequest", "Spawner", "SpawnerActor"]
+
+logger = logging.getLogger(__name__)
+
+STOP_GRACE = 5.0
+"""Seconds shutdown waits for stopped instances to exit."""
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class SpawnRequest:
+    """What a spawner is asked to start."""
+
+    instance_id: int
+    """The pool's number for the new process (unique in this server)."""
+    app_root: str
+    """The application's root directory (absolute)."""
+    socket_dir: str
+    """A private (0700) directory where the instance should put its socket."""
+    timeout: float
+    """Seconds the process may take to become ready; then the spawn fails."""
+
+
+class Instance(Protocol):
+    """A running application process, as a spawner hands it back."""
+
+    pid: int
+    """Its process id."""
+    address: str
+    """Path of the Unix socket it accepts sessions on."""
+    concurrency: int
+    """Sessions it serves at once (1: one request at a time)."""
+
+    def stop(self) -> None:
+        """Ask the process to exit. Returns promptly; :meth:`wait` sees the exit."""
+
+    def wait(self) -> None:
+        """Block until the process has exited."""
+
+
+class Spawner(abc.ABC):
+    """Starts application processes. Runs inside the server process."""
+
+    def start(self, socket_dir: str) -> None:  # noqa: B027 (optional hook)
+        """Called once in the server process before the first spawn."""
+
+    @abc.abstractmethod
+    def spawn(self, request: SpawnRequest) -> Instance:
+        """Start a process and block until it is ready.
+
+        Runs on a thread of its own. Raise :class:`~actorpool.errors.SpawnError`
+        (with the app's output) when the app cannot start.
+        """
+
+    def close(self) -> None:  # noqa: B027 (optional hook)
+        """Called once at shutdown, after every instance was stopped."""
+
+
+# Private messages of the SpawnerActor, from its own threads. _SpawnDone holds
+# a live Instance, so unlike every other message it never leaves this module.
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class _SpawnDone:
+    instance_id: int
+    instance: Instance | None
+    error: SpawnError | None
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class _Exited:
+    instance_id: int
+
+
+class SpawnerActor(pykka.ThreadingActor):
+    """Runs a :class:`Spawner` for the registry, one thread per spawn."""
+
+    def __init__(self, spawner: Spawner, socket_dir: str, spawn_timeout: float) -> None:
+        super().__init__()
+        # __init__ runs in the thread that starts the actor, so a spawner that
+        # cannot start fails the server's start-up instead of a later spawn.
+        spawner.start(socket_dir)
+        self._spawner = spawner
+        self._socket_dir = socket_dir
+        self._spawn_timeout = spawn_timeout
+        self._registry: pykka.ActorRef[Any] | None = None
+        self._spawning: dict[int, bool] = {}  # instance id -> cancelled
+        self._running: dict[int, Instance] = {}
+        self._watchers: dict[int, threading.Thread] = {}
+        self._handlers: dict[type, Any] = {
+            RegistryAttached: self._on_registry_attached,
+            SpawnInstance: self._on_spawn,
+            StopInstance: self._on_stop_instance,
+            _SpawnDone: self._on_spawn_done,
+            _Exited: self._on_exited,
+        }
+
+    def __repr__(self) -> str:
+        return (
+            f"<SpawnerActor {type(self._spawner).__name__} "
+            f"spawning={len(self._spawning)} running={len(self._running)}>"
+        )
+
+    def on_receive(self, message: Any) -> None:
+        handler = self._handlers.get(type(message))
+        if handler is None:
+            logger.warning("SpawnerActor ignores unexpected message %r", message)
+            return
+        handler(message)
+
+    def on_stop(self) -> None:
+        for instance_id in self._spawning:
+            self._spawning[instance_id] = True
+        for instance in self._running.values():
+            _stop_quietly(instance)
+        deadline = time.monotonic() + STOP_GRACE
+        for watcher in self._watchers.values():
+            watcher.join(max(0.0, deadline - time.monotonic()))
+        self._spawner.close()
+
+    def on_failure(self, *_exc_info: object) -> None:
+        self.on_stop()
+
+    # --- handlers -----------------------------------------------------------
+
+    def _on_registry_attached(self, message: RegistryAttached) -> None:
+        self._registry = pykka.ActorRegistry.get_by_urn(message.actor_urn)
+
+    def _on_spawn(self, message: SpawnInstance) -> None:
+        request = SpawnRequest(
+            message.instance_id, message.app_root, self._socket_dir, self._spawn_timeout
+        )
+        self._spawning[message.instance_id] = False
+        threading.Thread(
+            target=self._run_spawn,
+            args=(request,),
+            name=f"actorpool-spawn-{message.instance_id}",
+            daemon=True,
+        ).start()
+
+    def _on_stop_instance(self, message: StopInstance) -> None:
+        if message.instance_id in self._spawning:
+            self._spawning[message.instance_id] = True  # stop it once it is up
+        elif (instance := self._running.get(message.instance_id)) is not None:
+            logger.debug("stopping instance %d (pid %d)", message.instance_id, instance.pid)
+            _stop_quietly(instance)
+
+    def _on_spawn_done(self, message: _SpawnDone) -> None:
+        cancelled = self._spawning.pop(message.instance_id, True)
+        instance = message.instance
+        if instance is None:
+            error = message.error or SpawnError("spawn failed")
+            self._tell_registry(
+                SpawnFailed(message.instance_id, error.args[0], error.output)
+            )
+            return
+        self._running[message.instance_id] = instance
+        watcher = threading.Thread(
+            target=self._watch,
+            args=(message.instance_id, instance),
+            name=f"actorpool-watch-{message.instance_id}",
+            daemon=True,
+        )
+        self._watchers[message.instance_id] = watcher
+        watcher.start()
+        if cancelled:
+            _stop_quietly(instance)
+            return
+        self._tell_registry(
+            InstanceReady(
+                message.instance_id, instance.pid, instance.address, instance.concurrency
+            )
+        )
+
+    def _on_exited(self, message: _Exited) -> None:
+        self._running.pop(message.instance_id, None)
+        self._watchers.pop(message.instance_id, None)
+        self._tell_registry(InstanceExited(message.instance_id))
+
+    # --- threads --------------------------------------------------------------
+
+    def _run_spawn(self, request: SpawnRequest) -> None:
+        instance: Instance | None = None
+        error: SpawnError | None = None
+        try:
+            instance = self._spawner.spawn(request)
+        except SpawnError as exc:
+            error = exc
+        except Exception as exc:  # a spawner bug must not lose the waiters
+            logger.exception("spawner raised while starting %s", request.app_root)
+            error = SpawnError(f"spawner failed: {exc!r}")
+        try:
+            self.actor_ref.tell(_SpawnDone(request.instance_id, instance, error))
+        except pykka.ActorDeadError:
+            if instance is not None:  # shutting down: nobody will stop it
+                _stop_quietly(instance)
+
+    def _watch(self, instance_id: int, instance: Instance) -> None:
+        try:
+            instance.wait()
+        finally:
+            try:
+                self.actor_ref.tell(_Exited(instance_id))
+            except pykka.ActorDeadError:
+                pass
+
+    def _tell_registry(self, message: object) -> None:
+        if self._registry is not None:
+            self._registry.tell(message)
+
+
+def _stop_quietly(instance: Instance) -> None:
+    try:
+        instance.stop()
+    except Exception:
+        logger.exception("stopping instance pid %s failed", getattr(instance, "pid", "?"))

@@ -1,0 +1,129 @@
+"""Frozen snapshots of a pool, as ``ApplicationPool.statistics()`` returns them."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+from actorpool.errors import RemoteProtocolError
+
+__all__ = ["AppStatistics", "PoolStatistics", "ProcessStatistics"]
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class ProcessStatistics:
+    """One application process."""
+
+    instance_id: int
+    """The pool's number for the process."""
+    pid: int
+    """Its process id (0 while it is being spawned)."""
+    state: str
+    """``spawning``, ``ready`` or ``retiring`` (finishing its sessions)."""
+    sessions: int
+    """Sessions open on it now."""
+    concurrency: int
+    """Sessions it may serve at once."""
+    processed: int
+    """Sessions it has been given since it started."""
+    uptime: float
+    """Seconds since its spawn began."""
+    idle: float
+    """Seconds since it was last given or released a session."""
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class AppStatistics:
+    """One application root and its processes."""
+
+    app_root: str
+    """The application's root directory."""
+    count: int
+    """Its processes, including those being spawned."""
+    active: int
+    """Sessions open on its processes."""
+    waiting: int
+    """Gets queued for it."""
+    processes: tuple[ProcessStatistics, ...]
+    """Each of its processes."""
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class PoolStatistics:
+    """The whole pool at one moment. ``str()`` reads like ``passenger-status``."""
+
+    max_pool_size: int
+    """The limit on processes over every app."""
+    max_per_app: int
+    """The limit on processes of one app (0: none)."""
+    count: int
+    """Processes alive or being spawned."""
+    active: int
+    """Sessions open."""
+    waiting: int
+    """Gets queued, over every app."""
+    clients: int
+    """Client connections open."""
+    apps: tuple[AppStatistics, ...]
+    """Each app that has processes or waiters."""
+
+    def app(self, app_root: str) -> AppStatistics | None:
+        """The statistics of ``app_root``, or ``None`` if the pool has none."""
+        return next((a for a in self.apps if a.app_root == app_root), None)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain data (for msgpack and JSON)."""
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> PoolStatistics:
+        """Rebuild a snapshot from :meth:`to_dict`'s output, checking its shape."""
+        try:
+            apps = tuple(
+                AppStatistics(
+                    **{
+                        **app,
+                        "processes": tuple(
+                            ProcessStatistics(**process) for process in app["processes"]
+                        ),
+                    }
+                )
+                for app in data["apps"]
+            )
+            return cls(**{**data, "apps": apps})
+        except (KeyError, TypeError) as exc:
+            raise RemoteProtocolError(f"malformed statistics: {exc}") from exc
+
+    def __str__(self) -> str:
+        lines = [
+            "----------- General information -----------",
+            f"max      = {self.max_pool_size}",
+            f"count    = {self.count}",
+            f"active   = {self.active}",
+            f"inactive = {self.count - self.active}",
+            f"Waiting on global queue: {self.waiting}",
+            "",
+            "----------- Application groups -----------",
+        ]
+        for app in self.apps:
+            lines.append(f"{app.app_root}:")
+            lines.append(f"  Requests in queue: {app.waiting}")
+            for p in app.processes:
+                lines.append(
+                    f"  * PID: {p.pid:<7} Sessions: {p.sessions:<3} "
+                    f"Processed: {p.processed:<6} Uptime: {_duration(p.uptime)}"
+                    f"  Idle: {_duration(p.idle)}  State: {p.state}"
+                )
+            lines.append("")
+        return "\n".join(lines)
+
+
+def _duration(seconds: float) -> str:
+    whole = int(seconds)
+    hours, rest = divmod(whole, 3600)
+    minutes, secs = divmod(rest, 60)
+    if hours:
+        return f"{hours}h {minutes}m {secs}s"
+    if minutes:
+        return f"{minutes}m {secs}s"
+    return f"{secs}s"
