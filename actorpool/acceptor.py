@@ -29,7 +29,7 @@ import pykka
 from actorpool.fdpassing import send_fd
 from actorpool.session import ClientSessionActor
 
-__all__ = ["ACCEPTED", "CONNECT", "SHUTDOWN", "AcceptorActor"]
+__all__ = ["ACCEPTED", "CONNECT", "REFUSED", "SHUTDOWN", "AcceptorActor"]
 
 logger = logging.getLogger(__name__)
 
@@ -39,6 +39,8 @@ SHUTDOWN: Final = b"shutdown"
 """Written by ``close()`` in the creating process: stop the server."""
 ACCEPTED: Final = b"accepted"
 """The acceptor's answer; the new connection's descriptor rides along."""
+REFUSED: Final = b"refused"
+"""The acceptor's answer when it could not make a connection (no descriptor)."""
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -82,19 +84,33 @@ class AcceptorActor(pykka.ThreadingActor):
         elif message.data in (b"", SHUTDOWN):
             self._on_close()
         else:
-            logger.warning("ignoring %d unexpected bytes on the connect channel",
-                           len(message.data))
+            logger.warning(
+                "ignoring %d unexpected bytes on the connect channel", len(message.data)
+            )
 
     def on_stop(self) -> None:
         with contextlib.suppress(OSError):
             self._channel.shutdown(socket.SHUT_RDWR)
-        self._reader.join()
+        if self._reader.is_alive():
+            self._reader.join()
         self._channel.close()
         for client in self._clients:
             client.stop()
 
+    def on_failure(self, *_exc_info: object) -> None:
+        # Nobody could connect any more: clean up and let the server stop.
+        logger.critical("the acceptor failed; shutting the pool server down")
+        self.on_stop()
+        self._on_close()
+
     def _accept(self) -> None:
-        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        except OSError as exc:  # out of descriptors, say: refuse, do not hang
+            logger.error("cannot make a connection: %s", exc)
+            with contextlib.suppress(OSError):
+                self._channel.send(REFUSED)
+            return
         try:
             send_fd(self._channel, ACCEPTED, theirs.fileno())
         except OSError as exc:
@@ -105,7 +121,12 @@ class AcceptorActor(pykka.ThreadingActor):
             theirs.close()
         self._clients = [c for c in self._clients if c.is_alive()]
         client_id = next(self._client_ids)
-        self._clients.append(ClientSessionActor.start(ours, client_id, self._registry))
+        try:
+            client = ClientSessionActor.start(ours, client_id, self._registry)
+        except BaseException:
+            ours.close()  # the client sees end of stream
+            raise
+        self._clients.append(client)
 
     def _read(self) -> None:
         while True:

@@ -45,5 +45,7 @@ def recv_fd(sock: socket.socket, bufsize: int) -> tuple[bytes, int | None]:
     if flags & (socket.MSG_CTRUNC | socket.MSG_TRUNC) or len(fds) > 1:
         for fd in fds:
             os.close(fd)
-        raise OSError(f"unexpected descriptor message (flags={flags:#x}, fds={len(fds)})")
+        raise OSError(
+            f"unexpected descriptor message (flags={flags:#x}, fds={len(fds)})"
+        )
     return data, (fds[0] if fds else None)

@@ -26,15 +26,15 @@ from typing import Any, ClassVar, TypeVar
 
 import msgpack
 
-from actorpool.errors import RemoteProtocolError
+from actorpool.errors import LocalProtocolError, RemoteProtocolError
 
 __all__ = [
     "PROTOCOL_VERSION",
     "Category",
+    "Clear",
     "ClientAttached",
     "ClientDetached",
     "ClientRequest",
-    "Clear",
     "CloseSession",
     "Done",
     "ErrorReply",
@@ -424,9 +424,23 @@ for _cls in _BY_TAG.values():
 
 
 def encode(message: WireMessage) -> bytes:
-    """The msgpack body of ``message``: ``[tag, field, field, ...]``."""
+    """The msgpack body of ``message``: ``[tag, field, field, ...]``.
+
+    The fields get the same checks :func:`decode` applies, so a message the
+    peer would refuse (and close the connection over) raises
+    :class:`~actorpool.errors.LocalProtocolError` here instead.
+    """
+    cls = type(message)
+    validators = _VALIDATORS.get(cls)
+    if validators is None:
+        raise LocalProtocolError(f"{cls.__name__} is not a wire message")
     values = [getattr(message, f.name) for f in dataclasses.fields(message)]  # type: ignore[arg-type]
-    body: bytes = msgpack.packb([message.TAG, *values], use_bin_type=True)
+    try:
+        for check, value in zip(validators, values, strict=True):
+            check(value)
+        body: bytes = msgpack.packb([message.TAG, *values], use_bin_type=True)
+    except (TypeError, ValueError, OverflowError) as exc:
+        raise LocalProtocolError(f"cannot send {cls.__name__}: {exc}") from exc
     return body
 
 
@@ -463,7 +477,9 @@ def decode(body: bytes, *, max_size: int) -> WireMessage:
             f"{cls.__name__} takes {len(validators)} fields, got {len(values)}"
         )
     try:
-        checked = [check(value) for check, value in zip(validators, values, strict=True)]
+        checked = [
+            check(value) for check, value in zip(validators, values, strict=True)
+        ]
     except TypeError as exc:
         raise RemoteProtocolError(f"bad field in {cls.__name__}: {exc}") from exc
     return cls(*checked)

@@ -15,14 +15,20 @@ The rules (design section 5):
    spawned count); else, when the pool is full, stops another app's idle
    process and spawns in its place; else waits in its app's queue.
 3. Queues are FIFO per app. Freed capacity goes first to apps that have
-   waiters and no process at all, then to the app whose process freed it,
-   then to the others by the arrival of their oldest waiter.
-4. A failed spawn fails every waiter of its app. A dead process is removed
-   and its waiters are served by a new spawn.
+   waiters and no process at all (even a process freed by its own app's
+   waiters is stopped for them, else apps that always have a queue would
+   keep every process), then to the app whose process freed it, then to the
+   others by the arrival of their oldest waiter.
+4. A failed spawn fails every waiter of its app (unless the spawn was
+   already retired by a restart: a fresh spawn serves them). A dead process
+   is removed and its waiters are served by a new spawn.
 5. Waiters time out; a client that goes away leaves every queue and
    releases its sessions.
-6. Idle processes are reaped down to ``min_instances``; a process that has
-   served ``max_requests`` sessions is retired.
+6. Idle processes are reaped down to ``min_instances`` (retiring processes
+   do not count: they are on their way out); a process that has served
+   ``max_requests`` sessions is retired.
+7. After a limit is lowered below the busy processes, each one that becomes
+   idle is stopped until the pool is back within its limits.
 
 One deliberate difference from the design text: when the pool is full, an
 idle process of another app may be stopped even when that app is at its
@@ -85,7 +91,7 @@ class Fail:
     request_id: int
     """Which get."""
     kind: str
-    """The error class name (``QueueFullError``, ``GetTimeoutError``, ``SpawnError``)."""
+    """The error class name: ``QueueFullError``, ``GetTimeoutError``, ``SpawnError``."""
     message: str
     """Human-readable text."""
     detail: str = ""
@@ -166,6 +172,11 @@ class _App:
     waiters: deque[_Waiter] = dataclasses.field(default_factory=deque)
 
     @property
+    def live(self) -> int:
+        """Processes that are or will be able to serve (not retiring)."""
+        return sum(1 for i in self.instances.values() if not i.retiring)
+
+    @property
     def pending_spawns(self) -> int:
         """Spawns under way that will serve this app's waiters."""
         return sum(
@@ -231,7 +242,7 @@ class Pool:
         ]
         if self.max_idle_time > 0:
             for app in self._apps.values():
-                if len(app.instances) > self.min_instances:
+                if app.live > self.min_instances:
                     deadlines.extend(
                         i.last_used + self.max_idle_time
                         for i in app.instances.values()
@@ -304,19 +315,24 @@ class Pool:
         self._dispatch(now, decisions)
         if deadline is not None and deadline <= now:
             self._expire_waiters(now, decisions)
+            self._forget_empty_apps()
         return decisions
 
-    def close_session(self, client_id: int, session_id: int, now: float) -> list[Decision]:
+    def close_session(
+        self, client_id: int, session_id: int, now: float
+    ) -> list[Decision]:
         """A client is done with a session. Others' sessions are left alone."""
         session = self._sessions.get(session_id)
         if session is None or session.client_id != client_id:
             return []
         decisions: list[Decision] = []
-        self._release(session_id, now, decisions)
-        self._dispatch(now, decisions)
+        freed_app = self._release(session_id, now, decisions)
+        self._dispatch(now, decisions, freed_app)
         return decisions
 
-    def session_failed(self, client_id: int, session_id: int, now: float) -> list[Decision]:
+    def session_failed(
+        self, client_id: int, session_id: int, now: float
+    ) -> list[Decision]:
         """A client could not connect to its session's process: it is dead."""
         session = self._sessions.get(session_id)
         if session is None or session.client_id != client_id:
@@ -324,9 +340,11 @@ class Pool:
         del self._sessions[session_id]
         decisions: list[Decision] = []
         instance = self._instances.get(session.instance_id)
+        freed_app = None
         if instance is not None:
             self._remove(instance, "unreachable", decisions)
-        self._dispatch(now, decisions)
+            freed_app = instance.app_root
+        self._dispatch(now, decisions, freed_app)
         return decisions
 
     def client_gone(self, client_id: int, now: float) -> list[Decision]:
@@ -350,9 +368,11 @@ class Pool:
     ) -> list[Decision]:
         """A spawn finished and the process accepts sessions."""
         instance = self._instances.get(instance_id)
-        if instance is None or instance.state is not _State.SPAWNING:
+        if instance is None:
             # Stopped while it was being spawned; make sure it goes away.
             return [Stop(instance_id, "cancelled")]
+        if instance.state is not _State.SPAWNING:
+            return []  # a repeated notice: it is already serving
         instance.state = _State.READY
         instance.pid = pid
         instance.address = address
@@ -361,6 +381,10 @@ class Pool:
         decisions: list[Decision] = []
         if instance.retiring:  # its app restarted while it was starting
             self._remove(instance, "restart", decisions)
+        else:
+            # The waiters it was spawned for come first: an app with no
+            # process must not take a process that has never served.
+            self._serve_from_room(now, decisions)
         self._dispatch(now, decisions, freed_app=instance.app_root)
         return decisions
 
@@ -374,6 +398,11 @@ class Pool:
         decisions: list[Decision] = []
         app = self._apps[instance.app_root]
         self._remove(instance, "spawn-failed", decisions, stop=False)
+        if instance.retiring:
+            # A restart retired it (often to fix the very error it hit): the
+            # waiters are the business of the spawn that replaced it.
+            self._dispatch(now, decisions, freed_app=app.root)
+            return decisions
         for waiter in app.waiters:
             decisions.append(
                 Fail(waiter.client_id, waiter.request_id, "SpawnError", message, detail)
@@ -406,9 +435,11 @@ class Pool:
                     key=lambda i: i.last_used,
                 )
                 for instance in idle:
-                    if len(app.instances) <= self.min_instances:
+                    if app.live <= self.min_instances:
                         break
-                    if now - instance.last_used < self.max_idle_time:
+                    # Computed as next_deadline() does, so that a tick at
+                    # that deadline reaps (now - last_used may round below).
+                    if instance.last_used + self.max_idle_time > now:
                         break
                     self._remove(instance, "idle", decisions)
         self._forget_empty_apps()
@@ -432,26 +463,20 @@ class Pool:
         return decisions
 
     def set_max_pool_size(self, value: int, now: float) -> list[Decision]:
-        """Change ``max_pool_size``: stop idle processes over it, serve waiters under it."""
+        """Change ``max_pool_size``: stop idle processes over it, serve waiters.
+
+        Busy processes over a lowered limit finish their sessions first, and
+        are stopped when they become idle (see :meth:`_trim`).
+        """
         self.max_pool_size = value
         decisions: list[Decision] = []
-        for instance in self._idle_by_age(self._instances.values()):
-            if self.count <= value:
-                break
-            self._remove(instance, "limit", decisions)
         self._dispatch(now, decisions)
         return decisions
 
     def set_max_per_app(self, value: int, now: float) -> list[Decision]:
-        """Change ``max_per_app``: stop idle processes over it, serve waiters under it."""
+        """Change ``max_per_app``: stop idle processes over it, serve waiters."""
         self.max_per_app = value
         decisions: list[Decision] = []
-        if value:
-            for app in self._apps.values():
-                for instance in self._idle_by_age(app.instances.values()):
-                    if len(app.instances) <= value:
-                        break
-                    self._remove(instance, "limit", decisions)
         self._dispatch(now, decisions)
         return decisions
 
@@ -469,19 +494,24 @@ class Pool:
         return app
 
     def _forget_empty_apps(self) -> None:
-        for root in [r for r, a in self._apps.items() if not a.instances and not a.waiters]:
+        empty = [r for r, a in self._apps.items() if not a.instances and not a.waiters]
+        for root in empty:
             del self._apps[root]
 
-    def _release(self, session_id: int, now: float, decisions: list[Decision]) -> None:
+    def _release(
+        self, session_id: int, now: float, decisions: list[Decision]
+    ) -> str | None:
+        """End a session; return the app whose process it freed, if any."""
         session = self._sessions.pop(session_id)
         instance = self._instances.get(session.instance_id)
         if instance is None:
-            return
+            return None
         instance.sessions -= 1
         instance.last_used = now
         if instance.retiring and instance.sessions == 0:
             reason = "max-requests" if self._used_up(instance) else "retired"
             self._remove(instance, reason, decisions)
+        return instance.app_root
 
     def _used_up(self, instance: _Instance) -> bool:
         return 0 < self.max_requests <= instance.processed
@@ -534,7 +564,9 @@ class Pool:
 
     def _expire_waiters(self, now: float, decisions: list[Decision]) -> None:
         for app in self._apps.values():
-            expired = [w for w in app.waiters if w.deadline is not None and w.deadline <= now]
+            expired = [
+                w for w in app.waiters if w.deadline is not None and w.deadline <= now
+            ]
             if not expired:
                 continue
             gone = {id(w) for w in expired}
@@ -553,19 +585,40 @@ class Pool:
         self, now: float, decisions: list[Decision], freed_app: str | None = None
     ) -> None:
         """Hand capacity to waiters until nothing more can be done."""
+        # Apps with no process at all come first (the sort puts them at the
+        # front), even before the waiters of a process that has just freed
+        # up: that process may be evicted for them (rule 3).
+        for app in self._apps_wanting_spawns(freed_app):
+            if app.live or not self._spawn_for(app, now, decisions):
+                break
         self._serve_from_room(now, decisions)
+        self._trim(decisions)
         for app in self._apps_wanting_spawns(freed_app):
             while self._wants_spawn(app):
-                if self.count >= self.max_pool_size and not self._evict_for(
-                    app, decisions
-                ):
+                if not self._spawn_for(app, now, decisions):
+                    # Nothing idle is left to evict, for any app.
                     self._forget_empty_apps()
                     return
-                instance = _Instance(next(self._instance_ids), app.root, now, now)
-                self._instances[instance.id] = instance
-                app.instances[instance.id] = instance
-                decisions.append(Spawn(instance.id, app.root))
         self._forget_empty_apps()
+
+    def _spawn_for(self, app: _App, now: float, decisions: list[Decision]) -> bool:
+        """Spawn a process for ``app``, evicting to make room; False if full."""
+        while self.count >= self.max_pool_size:
+            if not self._evict_for(app, decisions):
+                return False
+        instance = _Instance(next(self._instance_ids), app.root, now, now)
+        self._instances[instance.id] = instance
+        app.instances[instance.id] = instance
+        decisions.append(Spawn(instance.id, app.root))
+        return True
+
+    def _trim(self, decisions: list[Decision]) -> None:
+        """Stop idle processes over a limit that was lowered, oldest first."""
+        for instance in self._idle_by_age(self._instances.values()):
+            app = self._apps[instance.app_root]
+            over_app = 0 < self.max_per_app < len(app.instances)
+            if self.count > self.max_pool_size or over_app:
+                self._remove(instance, "limit", decisions)
 
     def _serve_from_room(self, now: float, decisions: list[Decision]) -> None:
         for app in self._apps.values():
@@ -583,15 +636,20 @@ class Pool:
 
     def _apps_wanting_spawns(self, freed_app: str | None) -> list[_App]:
         wanting = [a for a in self._apps.values() if self._wants_spawn(a)]
-        # Apps with no process at all first (no app starves), then the app
-        # whose capacity was freed, then by the arrival of the oldest waiter.
+        # Apps with no process at all first (no app starves; retiring ones
+        # will never serve them), then the app whose capacity was freed, then
+        # by the arrival of the oldest waiter.
         wanting.sort(
-            key=lambda a: (bool(a.instances), a.root != freed_app, a.waiters[0].arrival)
+            key=lambda a: (a.live > 0, a.root != freed_app, a.waiters[0].arrival)
         )
         return wanting
 
     def _evict_for(self, app: _App, decisions: list[Decision]) -> bool:
-        """Stop another app's idle process to make room for ``app``; True if done."""
+        """Stop another app's idle process to make room for ``app``; True if done.
+
+        The victim is the least recently used, preferring apps that nobody
+        waits for, then apps above ``min_instances``.
+        """
         candidates = [
             i
             for other in self._apps.values()
@@ -601,16 +659,18 @@ class Pool:
         ]
         if not candidates:
             return False
-        victim = min(
-            candidates,
-            key=lambda i: (
-                len(self._apps[i.app_root].instances) <= self.min_instances,
-                i.last_used,
-            ),
-        )
+
+        def cost(instance: _Instance) -> tuple[bool, bool, float]:
+            owner = self._apps[instance.app_root]
+            at_min = owner.live <= self.min_instances
+            return (bool(owner.waiters), at_min, instance.last_used)
+
+        victim = min(candidates, key=cost)
         self._remove(victim, "evicted", decisions)
         return True
 
     @staticmethod
     def _idle_by_age(instances: Iterable[_Instance]) -> Iterator[_Instance]:
-        yield from sorted((i for i in instances if i.is_idle), key=lambda i: i.last_used)
+        yield from sorted(
+            (i for i in instances if i.is_idle), key=lambda i: i.last_used
+        )

@@ -124,8 +124,9 @@ TRANSITIONS: Final[dict[tuple[Role, State, Direction, Category], State]] = {
 }
 """Every legal step: (our role, state, direction, message category) -> next state.
 
-A ``REPLY`` with request id 0 is a connection-level error: receiving one in
-``OPEN`` closes the connection too (see :meth:`Connection.next_event`)."""
+A ``REPLY`` with request id 0 is a connection-level error (only an
+``ErrorReply`` may carry it): sending or receiving one in ``OPEN`` closes the
+connection too, and it is the only reply a server may send in ``ERROR``."""
 
 
 class Connection:
@@ -153,6 +154,11 @@ class Connection:
         )
 
     @property
+    def buffered(self) -> int:
+        """Bytes received and not yet turned into messages."""
+        return len(self._buffer)
+
+    @property
     def in_flight(self) -> int:
         """Requests sent (client) or received (server) and not yet answered."""
         return len(self._in_flight)
@@ -160,23 +166,46 @@ class Connection:
     # --- sending ---------------------------------------------------------
 
     def send(self, message: WireMessage) -> bytes:
-        """Check that sending ``message`` is legal now; return its frame."""
-        self._step(_SEND, message, LocalProtocolError)
+        """Check that sending ``message`` is legal now; return its frame.
+
+        Nothing changes when this raises :class:`LocalProtocolError`: the
+        message was not sent and the connection can still be used.
+        """
+        next_state = self._next_state(_SEND, message, LocalProtocolError)
         if isinstance(message, Request):
             if message.request_id == 0 or message.request_id in self._in_flight:
                 raise LocalProtocolError(
                     f"request id {message.request_id} is 0 or already in flight"
                 )
-            self._in_flight.add(message.request_id)
-        elif isinstance(message, Reply) and message.request_id != 0:
-            if message.request_id not in self._in_flight:
+            if len(self._in_flight) >= self.max_in_flight:
+                raise LocalProtocolError(
+                    f"already {self.max_in_flight} requests in flight"
+                )
+        elif isinstance(message, Reply):
+            if message.request_id == 0:
+                if not isinstance(message, ErrorReply):
+                    raise LocalProtocolError(
+                        "only an ErrorReply may carry request id 0"
+                    )
+                next_state = State.CLOSED  # a connection-level error
+            elif self.state is State.ERROR:
+                raise LocalProtocolError(
+                    "after a protocol error only the connection-level error "
+                    "reply (request id 0) may be sent"
+                )
+            elif message.request_id not in self._in_flight:
                 raise LocalProtocolError(
                     f"reply to request {message.request_id}, which is not in flight"
                 )
-            self._in_flight.discard(message.request_id)
         body = encode(message)
         if len(body) > self.max_frame_size:
             raise LocalProtocolError(f"frame of {len(body)} bytes is over the limit")
+        # Every check passed: only now does the connection change.
+        self.state = next_state
+        if isinstance(message, Request):
+            self._in_flight.add(message.request_id)
+        elif isinstance(message, Reply):
+            self._in_flight.discard(message.request_id)
         return _HEADER.pack(len(body)) + body
 
     def send_protocol_error(self, text: str) -> bytes:
@@ -189,6 +218,8 @@ class Connection:
         """Buffer bytes read from the peer; ``b""`` means the peer closed."""
         if self._eof and data:
             raise LocalProtocolError("data after end of stream")
+        if self.state is State.ERROR:
+            return  # nothing more will be read; do not hoard the peer's bytes
         if data:
             self._buffer += data
         else:
@@ -206,6 +237,7 @@ class Connection:
             return self._next_event()
         except RemoteProtocolError:
             self.state = State.ERROR
+            self._buffer.clear()
             raise
 
     def _next_event(self) -> WireMessage | _Sentinel:
@@ -230,7 +262,7 @@ class Connection:
         return PEER_CLOSED
 
     def _receive(self, message: WireMessage) -> None:
-        self._step(_RECV, message, RemoteProtocolError)
+        self.state = self._next_state(_RECV, message, RemoteProtocolError)
         if isinstance(message, Request):
             if message.request_id == 0 or message.request_id in self._in_flight:
                 raise RemoteProtocolError(
@@ -243,6 +275,11 @@ class Connection:
             self._in_flight.add(message.request_id)
         elif isinstance(message, Reply):
             if message.request_id == 0:
+                if not isinstance(message, ErrorReply):
+                    raise RemoteProtocolError(
+                        f"{type(message).__name__} with request id 0 "
+                        "(only an ErrorReply may carry it)"
+                    )
                 self.state = State.CLOSED  # a connection-level error
             elif message.request_id in self._in_flight:
                 self._in_flight.discard(message.request_id)
@@ -251,18 +288,20 @@ class Connection:
                     f"reply to request {message.request_id}, which is not in flight"
                 )
 
-    def _step(
+    def _next_state(
         self,
         direction: Direction,
         message: WireMessage,
         error: type[LocalProtocolError] | type[RemoteProtocolError],
-    ) -> None:
-        key = (self.role, self.state, direction, message.CATEGORY)
-        next_state = TRANSITIONS.get(key)
+    ) -> State:
+        category = getattr(type(message), "CATEGORY", None)
+        next_state = None
+        if isinstance(category, Category):
+            next_state = TRANSITIONS.get((self.role, self.state, direction, category))
         if next_state is None:
             verb = "send" if direction is _SEND else "receive"
             raise error(
                 f"a {self.role.value} in state {self.state.value} "
                 f"cannot {verb} {type(message).__name__}"
             )
-        self.state = next_state
+        return next_state

@@ -10,6 +10,7 @@ now simply stays in the pool's queue until a later event answers it.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import threading
@@ -34,6 +35,7 @@ from actorpool.messages import (
     InstanceReady,
     RegistryAttached,
     Reply,
+    Request,
     RestartApp,
     SessionFailed,
     SessionGranted,
@@ -103,7 +105,12 @@ class RegistryActor(pykka.ThreadingActor):
     # --- pykka hooks ------------------------------------------------------------
 
     def on_start(self) -> None:
-        self._spawner.tell(RegistryAttached(self.actor_urn))
+        try:
+            self._spawner.tell(RegistryAttached(self.actor_urn))
+        except Exception:
+            # pykka calls neither on_stop nor on_failure when on_start fails.
+            self._fatal()
+            raise
 
     def on_receive(self, message: Any) -> None:
         handler = self._handlers.get(type(message))
@@ -117,6 +124,9 @@ class RegistryActor(pykka.ThreadingActor):
         self._alarm.close()
 
     def on_failure(self, *_exc_info: object) -> None:
+        self._fatal()
+
+    def _fatal(self) -> None:
         # Without the registry nothing can be served: take the server down
         # so that clients see ServerGoneError instead of waiting for ever.
         logger.critical("the registry failed; shutting the pool server down")
@@ -136,8 +146,24 @@ class RegistryActor(pykka.ThreadingActor):
             self._apply(self._pool.client_gone(message.client_id, self._clock()))
 
     def _on_client_request(self, message: ClientRequest) -> None:
-        if message.client_id in self._clients:
-            self._requests[type(message.message)](message.client_id, message.message)
+        if message.client_id not in self._clients:
+            return
+        request = message.message
+        handler = self._requests.get(type(request))
+        if handler is not None:
+            handler(message.client_id, request)
+            return
+        # A wire message the registry has no rule for must not take it down.
+        logger.warning("RegistryActor ignores unexpected request %r", request)
+        if isinstance(request, Request):
+            self._reply(
+                message.client_id,
+                ErrorReply(
+                    request.request_id,
+                    "ProtocolError",
+                    f"the server does not handle {type(request).__name__}",
+                ),
+            )
 
     def _on_get(self, client_id: int, get: Get) -> None:
         now = self._clock()
@@ -145,7 +171,9 @@ class RegistryActor(pykka.ThreadingActor):
             self._reply(
                 client_id,
                 ErrorReply(
-                    get.request_id, "SpawnError", f"not an absolute path: {get.app_root!r}"
+                    get.request_id,
+                    "SpawnError",
+                    f"not an absolute path: {get.app_root!r}",
                 ),
             )
             return
@@ -157,7 +185,9 @@ class RegistryActor(pykka.ThreadingActor):
         )
 
     def _on_close_session(self, client_id: int, notice: CloseSession) -> None:
-        self._apply(self._pool.close_session(client_id, notice.session_id, self._clock()))
+        self._apply(
+            self._pool.close_session(client_id, notice.session_id, self._clock())
+        )
 
     def _on_session_failed(self, client_id: int, notice: SessionFailed) -> None:
         logger.warning(
@@ -165,7 +195,9 @@ class RegistryActor(pykka.ThreadingActor):
             client_id,
             notice.session_id,
         )
-        self._apply(self._pool.session_failed(client_id, notice.session_id, self._clock()))
+        self._apply(
+            self._pool.session_failed(client_id, notice.session_id, self._clock())
+        )
 
     def _on_statistics(self, client_id: int, request: GetStatistics) -> None:
         snapshot = self._pool.statistics(self._clock(), clients=len(self._clients))
@@ -177,18 +209,27 @@ class RegistryActor(pykka.ThreadingActor):
 
     def _on_set_max_pool_size(self, client_id: int, request: SetMaxPoolSize) -> None:
         if request.value < 1:
-            self._config_error(client_id, request.request_id, "max_pool_size must be >= 1")
+            self._config_error(
+                client_id, request.request_id, "max_pool_size must be >= 1"
+            )
             return
         self._apply(self._pool.set_max_pool_size(request.value, self._clock()))
         self._reply(client_id, Done(request.request_id))
 
     def _on_set_max_per_app(self, client_id: int, request: SetMaxPerApp) -> None:
+        if request.value < 0:
+            self._config_error(
+                client_id, request.request_id, "max_per_app must be >= 0"
+            )
+            return
         self._apply(self._pool.set_max_per_app(request.value, self._clock()))
         self._reply(client_id, Done(request.request_id))
 
     def _on_set_max_idle_time(self, client_id: int, request: SetMaxIdleTime) -> None:
         if request.value < 0:
-            self._config_error(client_id, request.request_id, "max_idle_time must be >= 0")
+            self._config_error(
+                client_id, request.request_id, "max_idle_time must be >= 0"
+            )
             return
         self._apply(self._pool.set_max_idle_time(request.value, self._clock()))
         self._reply(client_id, Done(request.request_id))
@@ -212,7 +253,9 @@ class RegistryActor(pykka.ThreadingActor):
         )
 
     def _on_spawn_failed(self, message: SpawnFailed) -> None:
-        logger.error("spawn of instance %d failed: %s", message.instance_id, message.message)
+        logger.error(
+            "spawn of instance %d failed: %s", message.instance_id, message.message
+        )
         self._apply(
             self._pool.spawn_failed(
                 message.instance_id, message.message, message.detail, self._clock()
@@ -226,10 +269,8 @@ class RegistryActor(pykka.ThreadingActor):
         self._apply(self._pool.tick(self._clock()))
 
     def _tick(self) -> None:
-        try:
+        with contextlib.suppress(pykka.ActorDeadError):
             self.actor_ref.tell(Tick())
-        except pykka.ActorDeadError:
-            pass
 
     # --- carrying out decisions --------------------------------------------
 
@@ -259,19 +300,28 @@ class RegistryActor(pykka.ThreadingActor):
                     )
                 case Spawn():
                     logger.info(
-                        "spawning instance %d of %s", decision.instance_id, decision.app_root
+                        "spawning instance %d of %s",
+                        decision.instance_id,
+                        decision.app_root,
                     )
-                    self._spawner.tell(SpawnInstance(decision.instance_id, decision.app_root))
+                    self._spawner.tell(
+                        SpawnInstance(decision.instance_id, decision.app_root)
+                    )
                 case Stop():
                     logger.info(
-                        "stopping instance %d (%s)", decision.instance_id, decision.reason
+                        "stopping instance %d (%s)",
+                        decision.instance_id,
+                        decision.reason,
                     )
                     self._spawner.tell(StopInstance(decision.instance_id))
 
     def _reply(self, client_id: int, reply: Reply) -> None:
         client = self._clients.get(client_id)
         if client is not None:
-            client.tell(reply)
+            # A client actor that stopped has its ClientDetached on the way;
+            # until it arrives, replies to it are dropped, not fatal.
+            with contextlib.suppress(pykka.ActorDeadError):
+                client.tell(reply)
 
     def _config_error(self, client_id: int, request_id: int, text: str) -> None:
         self._reply(client_id, ErrorReply(request_id, "ConfigError", text))
@@ -291,7 +341,9 @@ class _Alarm:
         self._deadline: float | None = None
         self._closed = False
         self._cond = threading.Condition()
-        self._thread = threading.Thread(target=self._run, name="actorpool-alarm", daemon=True)
+        self._thread = threading.Thread(
+            target=self._run, name="actorpool-alarm", daemon=True
+        )
         self._thread.start()
 
     def set(self, deadline: float | None) -> None:

@@ -31,7 +31,9 @@ class RestartWatcher:
         self._checked_at: dict[str, float] = {}
 
     def __repr__(self) -> str:
-        return f"<RestartWatcher apps={len(self._stamps)} interval={self.check_interval}>"
+        return (
+            f"<RestartWatcher apps={len(self._stamps)} interval={self.check_interval}>"
+        )
 
     def should_restart(self, app_root: str, now: float) -> bool:
         """Whether ``app_root`` asked for a restart since the last look."""
@@ -39,12 +41,15 @@ class RestartWatcher:
         if last is not None and now - last < self.check_interval:
             return False
         self._checked_at[app_root] = now
-        if self._exists(os.path.join(app_root, "tmp", "always_restart.txt")):
-            return True
+        always = self._exists(os.path.join(app_root, "tmp", "always_restart.txt"))
+        # Learn restart.txt even while always_restart.txt exists, so that a
+        # touch made then does not restart the app again once it is removed.
         stamp = self._stamp(os.path.join(app_root, "tmp", "restart.txt"))
         known = app_root in self._stamps
         previous = self._stamps.get(app_root)
         self._stamps[app_root] = stamp
+        if always:
+            return True
         # The first look only learns the stamp; a vanished file is no request.
         return known and stamp is not None and stamp != previous
 

@@ -70,6 +70,8 @@ class ClientSessionActor(pykka.ThreadingActor):
         self._client_id = client_id
         self._registry = registry
         self._conn = Connection(Role.SERVER, max_frame_size=MAX_REQUEST_FRAME)
+        self._closing = False  # stop() was asked for: ignore what still arrives
+        self._closed = False
         self._reader = threading.Thread(
             target=self._read, name=f"actorpool-client-{client_id}", daemon=True
         )
@@ -84,7 +86,15 @@ class ClientSessionActor(pykka.ThreadingActor):
         return f"<ClientSessionActor client={self._client_id} {self._conn!r}>"
 
     def on_start(self) -> None:
-        self._registry.tell(ClientAttached(self._client_id, self.actor_urn))
+        try:
+            self._registry.tell(ClientAttached(self._client_id, self.actor_urn))
+        except pykka.ActorDeadError:
+            # The server is going down. pykka would call neither on_stop nor
+            # on_failure after a failed on_start, so close the socket here.
+            logger.warning("no registry for client %d; closing it", self._client_id)
+            self._closing = True
+            self.stop()
+            return
         self._reader.start()
 
     def on_receive(self, message: Any) -> None:
@@ -104,6 +114,8 @@ class ClientSessionActor(pykka.ThreadingActor):
     # --- from the client ------------------------------------------------------
 
     def _on_data(self, data: bytes) -> None:
+        if self._closing:
+            return  # already answered with an error, or the peer closed
         self._conn.receive_data(data)
         while True:
             try:
@@ -114,12 +126,16 @@ class ClientSessionActor(pykka.ThreadingActor):
             if event is NEED_DATA:
                 return
             if event is PEER_CLOSED:
-                self.stop()
+                self._hang_up()
                 return
             if isinstance(event, Hello):
                 self._welcome(event)
             elif isinstance(event, Request | CloseSession | SessionFailed):
-                self._registry.tell(ClientRequest(self._client_id, event))
+                try:
+                    self._registry.tell(ClientRequest(self._client_id, event))
+                except pykka.ActorDeadError:
+                    self._hang_up()  # the server is going down
+                    return
 
     def _welcome(self, hello: Hello) -> None:
         if hello.version != PROTOCOL_VERSION:
@@ -136,18 +152,32 @@ class ClientSessionActor(pykka.ThreadingActor):
         if self._conn.state in (State.ERROR, State.SEND_WELCOME):
             with contextlib.suppress(OSError, LocalProtocolError):
                 self._sock.sendall(self._conn.send_protocol_error(text))
-        self.stop()
+        self._hang_up()
 
     # --- to the client --------------------------------------------------------
 
     def _send(self, message: Welcome | Reply) -> None:
-        if self._conn.state is not State.OPEN and not isinstance(message, Welcome):
+        if self._closing or (
+            self._conn.state is not State.OPEN and not isinstance(message, Welcome)
+        ):
             return  # closing: replies still in the inbox have nowhere to go
         try:
-            self._sock.sendall(self._conn.send(message))
+            frame = self._conn.send(message)
+        except LocalProtocolError:
+            # A bug on our side (say, a reply over the frame limit): this
+            # client cannot be answered correctly any more, the others can.
+            logger.exception("cannot send %r to client %d", message, self._client_id)
+            self._hang_up()
+            return
+        try:
+            self._sock.sendall(frame)
         except OSError as exc:
             logger.warning("dropping client %d: %s", self._client_id, exc)
-            self.stop()
+            self._hang_up()
+
+    def _hang_up(self) -> None:
+        self._closing = True
+        self.stop()
 
     # --- the reader thread and clean-up ----------------------------------------
 
@@ -165,6 +195,9 @@ class ClientSessionActor(pykka.ThreadingActor):
                 return
 
     def _close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
         # shutdown() wakes the reader's recv; only then is closing safe,
         # so that the descriptor cannot be reused under the reader's feet.
         with contextlib.suppress(OSError):
@@ -173,5 +206,7 @@ class ClientSessionActor(pykka.ThreadingActor):
             self._reader.join()
         self._sock.close()
         # Only after the descriptor is closed: whoever sees the client gone
-        # from the registry sees its descriptor gone too.
-        self._registry.tell(ClientDetached(self._client_id))
+        # from the registry sees its descriptor gone too. A registry that is
+        # already gone has nothing left to release.
+        with contextlib.suppress(pykka.ActorDeadError):
+            self._registry.tell(ClientDetached(self._client_id))

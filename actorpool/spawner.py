@@ -15,6 +15,7 @@ actor talks to the registry only with messages from :mod:`actorpool.messages`.
 from __future__ import annotations
 
 import abc
+import contextlib
 import dataclasses
 import logging
 import threading
@@ -120,6 +121,12 @@ class SpawnerActor(pykka.ThreadingActor):
         self._registry: pykka.ActorRef[Any] | None = None
         self._spawning: dict[int, bool] = {}  # instance id -> cancelled
         self._running: dict[int, Instance] = {}
+        # Instances a spawn thread has told the actor about that the actor has
+        # not taken yet: a _SpawnDone queued behind the stop message is never
+        # handled, so on_stop must find them here. Shared with spawn threads.
+        self._lock = threading.Lock()
+        self._stopping = False
+        self._unclaimed: dict[int, Instance] = {}
         self._watchers: dict[int, threading.Thread] = {}
         self._handlers: dict[type, Any] = {
             RegistryAttached: self._on_registry_attached,
@@ -143,9 +150,11 @@ class SpawnerActor(pykka.ThreadingActor):
         handler(message)
 
     def on_stop(self) -> None:
-        for instance_id in self._spawning:
-            self._spawning[instance_id] = True
-        for instance in self._running.values():
+        with self._lock:
+            self._stopping = True
+            unclaimed = list(self._unclaimed.values())
+            self._unclaimed.clear()
+        for instance in [*self._running.values(), *unclaimed]:
             _stop_quietly(instance)
         deadline = time.monotonic() + STOP_GRACE
         for watcher in self._watchers.values():
@@ -176,10 +185,14 @@ class SpawnerActor(pykka.ThreadingActor):
         if message.instance_id in self._spawning:
             self._spawning[message.instance_id] = True  # stop it once it is up
         elif (instance := self._running.get(message.instance_id)) is not None:
-            logger.debug("stopping instance %d (pid %d)", message.instance_id, instance.pid)
+            logger.debug(
+                "stopping instance %d (pid %d)", message.instance_id, instance.pid
+            )
             _stop_quietly(instance)
 
     def _on_spawn_done(self, message: _SpawnDone) -> None:
+        with self._lock:
+            self._unclaimed.pop(message.instance_id, None)
         cancelled = self._spawning.pop(message.instance_id, True)
         instance = message.instance
         if instance is None:
@@ -202,7 +215,10 @@ class SpawnerActor(pykka.ThreadingActor):
             return
         self._tell_registry(
             InstanceReady(
-                message.instance_id, instance.pid, instance.address, instance.concurrency
+                message.instance_id,
+                instance.pid,
+                instance.address,
+                instance.concurrency,
             )
         )
 
@@ -223,20 +239,24 @@ class SpawnerActor(pykka.ThreadingActor):
         except Exception as exc:  # a spawner bug must not lose the waiters
             logger.exception("spawner raised while starting %s", request.app_root)
             error = SpawnError(f"spawner failed: {exc!r}")
-        try:
-            self.actor_ref.tell(_SpawnDone(request.instance_id, instance, error))
-        except pykka.ActorDeadError:
-            if instance is not None:  # shutting down: nobody will stop it
+        if instance is not None:
+            with self._lock:
+                stopping = self._stopping
+                if not stopping:
+                    self._unclaimed[request.instance_id] = instance
+            if stopping:  # shutting down: nobody else will stop it
                 _stop_quietly(instance)
+                return
+        # If the actor is gone, on_stop (or on_failure) stops the unclaimed one.
+        with contextlib.suppress(pykka.ActorDeadError):
+            self.actor_ref.tell(_SpawnDone(request.instance_id, instance, error))
 
     def _watch(self, instance_id: int, instance: Instance) -> None:
         try:
             instance.wait()
         finally:
-            try:
+            with contextlib.suppress(pykka.ActorDeadError):
                 self.actor_ref.tell(_Exited(instance_id))
-            except pykka.ActorDeadError:
-                pass
 
     def _tell_registry(self, message: object) -> None:
         if self._registry is not None:
@@ -247,4 +267,6 @@ def _stop_quietly(instance: Instance) -> None:
     try:
         instance.stop()
     except Exception:
-        logger.exception("stopping instance pid %s failed", getattr(instance, "pid", "?"))
+        logger.exception(
+            "stopping instance pid %s failed", getattr(instance, "pid", "?")
+        )

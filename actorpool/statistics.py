@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
+import math
+import typing
 from typing import Any
 
 from actorpool.errors import RemoteProtocolError
@@ -77,21 +79,19 @@ class PoolStatistics:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> PoolStatistics:
-        """Rebuild a snapshot from :meth:`to_dict`'s output, checking its shape."""
+        """Rebuild a snapshot from :meth:`to_dict`'s output, checking its shape.
+
+        ``data`` comes from the wire, so every field is checked: exactly the
+        expected keys, non-negative ints, finite non-negative numbers, strings.
+        Anything else raises :class:`~actorpool.errors.RemoteProtocolError`.
+        """
         try:
-            apps = tuple(
-                AppStatistics(
-                    **{
-                        **app,
-                        "processes": tuple(
-                            ProcessStatistics(**process) for process in app["processes"]
-                        ),
-                    }
-                )
-                for app in data["apps"]
+            fields = _fields(cls, data)
+            fields["apps"] = tuple(
+                _app_from_dict(app) for app in _sequence("apps", fields["apps"])
             )
-            return cls(**{**data, "apps": apps})
-        except (KeyError, TypeError) as exc:
+            return cls(**fields)
+        except (KeyError, TypeError, ValueError) as exc:
             raise RemoteProtocolError(f"malformed statistics: {exc}") from exc
 
     def __str__(self) -> str:
@@ -118,6 +118,48 @@ class PoolStatistics:
         return "\n".join(lines)
 
 
+def _app_from_dict(data: Any) -> AppStatistics:
+    fields = _fields(AppStatistics, data)
+    fields["processes"] = tuple(
+        ProcessStatistics(**_fields(ProcessStatistics, process))
+        for process in _sequence("processes", fields["processes"])
+    )
+    return AppStatistics(**fields)
+
+
+def _sequence(name: str, value: Any) -> list[Any] | tuple[Any, ...]:
+    if not isinstance(value, list | tuple):
+        raise TypeError(f"{name} must be an array, not {type(value).__name__}")
+    return value
+
+
+def _fields(cls: type[Any], data: Any) -> dict[str, Any]:
+    """``data``'s fields for ``cls``, each scalar checked against its annotation."""
+    if not isinstance(data, dict):
+        raise TypeError(f"{cls.__name__} must be a map, not {type(data).__name__}")
+    names = [field.name for field in dataclasses.fields(cls)]
+    if set(data) != set(names):
+        missing = sorted(set(names) - set(data))
+        extra = sorted(map(repr, set(data) - set(names)))
+        raise TypeError(f"{cls.__name__}: missing {missing}, unexpected {extra}")
+    hints = _HINTS[cls]
+    fields: dict[str, Any] = {}
+    for name in names:
+        value = data[name]
+        hint = hints[name]
+        if hint is int:
+            if type(value) is not int or value < 0:
+                raise TypeError(f"{name} must be an int >= 0, not {value!r:.40}")
+        elif hint is float:
+            if type(value) not in (int, float) or not 0 <= value < math.inf:
+                raise TypeError(f"{name} must be a number >= 0, not {value!r:.40}")
+            value = float(value)
+        elif hint is str and type(value) is not str:
+            raise TypeError(f"{name} must be a str, not {type(value).__name__}")
+        fields[name] = value
+    return fields
+
+
 def _duration(seconds: float) -> str:
     whole = int(seconds)
     hours, rest = divmod(whole, 3600)
@@ -127,3 +169,9 @@ def _duration(seconds: float) -> str:
     if minutes:
         return f"{minutes}m {secs}s"
     return f"{secs}s"
+
+
+_HINTS: dict[type[Any], dict[str, Any]] = {
+    cls: typing.get_type_hints(cls)
+    for cls in (ProcessStatistics, AppStatistics, PoolStatistics)
+}

@@ -36,7 +36,7 @@ from typing import Any, Final
 import msgpack
 
 from actorpool.errors import SpawnError
-from actorpool.spawner import Instance, SpawnRequest, Spawner
+from actorpool.spawner import Instance, Spawner, SpawnRequest
 
 __all__ = ["FakeCall", "FakeClock", "FakeSpawner"]
 
@@ -104,7 +104,9 @@ class FakeSpawner(Spawner):
             "spawn_delay": spawn_delay,
             "hold_all": hold is True,
             "held": [] if isinstance(hold, bool) else list(hold),
-            "failing": {k: v or f"fake spawn failure of {k}" for k, v in failing.items()},
+            "failing": {
+                k: v or f"fake spawn failure of {k}" for k, v in failing.items()
+            },
             "concurrency": concurrency,
         }
         self._backend: _Backend | None = None
@@ -170,7 +172,12 @@ class FakeSpawner(Spawner):
         Raises :class:`TimeoutError` after ``timeout`` seconds.
         """
         found = self._control(
-            "wait_for", kind=kind, app_root=app_root, pid=pid, count=count, timeout=timeout
+            "wait_for",
+            kind=kind,
+            app_root=app_root,
+            pid=pid,
+            count=count,
+            timeout=timeout,
         )
         return [FakeCall(**c) for c in found]
 
@@ -210,7 +217,9 @@ class _Backend:
         {"hold", "release", "fail", "succeed", "crash", "calls", "wait_for"}
     )
 
-    def __init__(self, settings: dict[str, Any], socket_dir: str, control_path: str) -> None:
+    def __init__(
+        self, settings: dict[str, Any], socket_dir: str, control_path: str
+    ) -> None:
         self._socket_dir = socket_dir
         self._delay: float = settings["spawn_delay"]
         self._concurrency: int = settings["concurrency"]
@@ -229,7 +238,9 @@ class _Backend:
         self._control.bind(control_path)
         self._control.listen(16)
         self._control_path = control_path
-        threading.Thread(target=self._serve_control, name="fake-control", daemon=True).start()
+        threading.Thread(
+            target=self._serve_control, name="fake-control", daemon=True
+        ).start()
 
     # --- spawning -------------------------------------------------------------
 
@@ -245,17 +256,19 @@ class _Backend:
             if not released:
                 self._record_locked("failed", app, request.instance_id, 0)
                 raise SpawnError(f"{app} did not start in {request.timeout} s")
-            if self._delay:
-                self._cond.wait_for(lambda: self._closed, self._delay)
+            if self._delay and self._cond.wait_for(lambda: self._closed, self._delay):
+                raise SpawnError("the spawner is closing")
             message = self._failing.get(app)
             if message is not None:
                 self._record_locked("failed", app, request.instance_id, 0)
                 raise SpawnError(message, f"Traceback (fake):\n  spawning {app}\n")
             pid = next(self._pids)
-        address = os.path.join(self._socket_dir, f"fake-{request.instance_id}.sock")
-        instance = _FakeInstance(app, pid, request.instance_id, address, self._concurrency,
-                                 self._record)
-        with self._cond:
+            # Made under the lock, so that close() either sees it or has
+            # already refused it: no listener outlives the spawner.
+            address = os.path.join(self._socket_dir, f"fake-{request.instance_id}.sock")
+            instance = _FakeInstance(
+                app, pid, request.instance_id, address, self._concurrency, self._record
+            )
             self._instances[pid] = instance
             self._record_locked("ready", app, request.instance_id, pid)
         return instance
@@ -328,7 +341,12 @@ class _Backend:
             return [dataclasses.asdict(c) for c in self._calls]
 
     def _do_wait_for(
-        self, kind: str, app_root: str | None, pid: int | None, count: int, timeout: float
+        self,
+        kind: str,
+        app_root: str | None,
+        pid: int | None,
+        count: int,
+        timeout: float,
     ) -> list[dict[str, Any]]:
         def matches() -> list[FakeCall]:
             return [
@@ -341,8 +359,9 @@ class _Backend:
 
         with self._cond:
             if not self._cond.wait_for(lambda: len(matches()) >= count, timeout):
+                seen = len(matches())
                 raise TimeoutError(
-                    f"waited {timeout} s for {count} {kind!r} calls; saw {len(matches())}"
+                    f"waited {timeout} s for {count} {kind!r} calls; saw {seen}"
                 )
             return [dataclasses.asdict(c) for c in matches()]
 

@@ -1,0 +1,767 @@
+"""Unit tests of the pure pool policy, driven with explicit ``now`` values."""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Sequence
+from typing import Any, TypeVar
+
+import pytest
+
+from actorpool.config import PoolConfig
+from actorpool.pool import Decision, Fail, Grant, Pool, Spawn, Stop
+
+A = "/srv/a"
+B = "/srv/b"
+C = "/srv/c"
+
+D = TypeVar("D", Grant, Fail, Spawn, Stop)
+
+
+def make_pool(**config: Any) -> Pool:
+    return Pool(PoolConfig(**config))
+
+
+def only(decisions: Sequence[Decision], kind: type[D]) -> list[D]:
+    return [d for d in decisions if isinstance(d, kind)]
+
+
+def one(decisions: Sequence[Decision], kind: type[D]) -> D:
+    found = only(decisions, kind)
+    assert len(found) == 1, decisions
+    return found[0]
+
+
+def ready(
+    pool: Pool, spawn: Spawn | int, now: float, concurrency: int = 1
+) -> list[Decision]:
+    """Report a spawn as finished, with a pid and address derived from its id."""
+    iid = spawn if isinstance(spawn, int) else spawn.instance_id
+    return pool.instance_ready(iid, 1000 + iid, f"/run/{iid}.sock", concurrency, now)
+
+
+_requests = itertools.count(1)
+
+
+def checkout(
+    pool: Pool, app: str, now: float, client: int = 1, concurrency: int = 1
+) -> Grant:
+    """Get a session on ``app``, finishing the spawn it needs at once."""
+    decisions = pool.get(client, next(_requests), app, now)
+    spawns = only(decisions, Spawn)
+    for spawn in spawns:
+        decisions += ready(pool, spawn, now, concurrency)
+    return one(decisions, Grant)
+
+
+def idle_process(pool: Pool, app: str, now: float, client: int = 1) -> int:
+    """Start a process of ``app``, use it once at ``now`` and leave it idle."""
+    grant = checkout(pool, app, now, client)
+    assert pool.close_session(client, grant.session_id, now) == []
+    return grant.instance_id
+
+
+def states(pool: Pool, app: str, now: float = 0.0) -> dict[int, str]:
+    stats = pool.statistics(now).app(app)
+    assert stats is not None
+    return {p.instance_id: p.state for p in stats.processes}
+
+
+# --- the first get, reuse and spawning ------------------------------------------------
+
+
+def test_first_get_spawns_and_queues_until_ready() -> None:
+    pool = make_pool()
+    decisions = pool.get(7, 70, A, now=1.0)
+    assert decisions == [Spawn(1, A)]
+    assert (pool.count, pool.active, pool.waiting) == (1, 0, 1)
+
+    decisions = pool.instance_ready(1, 4242, "/run/1.sock", 1, now=2.0)
+    assert decisions == [Grant(7, 70, 1, 1, 4242, A, "/run/1.sock")]
+    assert (pool.count, pool.active, pool.waiting) == (1, 1, 0)
+
+
+def test_a_free_process_is_reused_without_spawning() -> None:
+    pool = make_pool()
+    instance = idle_process(pool, A, now=1.0)
+    decisions = pool.get(1, 2, A, now=2.0)
+    assert only(decisions, Spawn) == []
+    assert one(decisions, Grant).instance_id == instance
+    assert pool.count == 1
+
+
+def test_reuse_prefers_the_most_recently_used_process() -> None:
+    pool = make_pool(max_pool_size=3)
+    first = checkout(pool, A, now=1.0)
+    second = checkout(pool, A, now=1.0)
+    third = checkout(pool, A, now=1.0)
+    pool.close_session(1, second.session_id, now=5.0)
+    pool.close_session(1, first.session_id, now=7.0)
+    pool.close_session(1, third.session_id, now=6.0)
+    grants = [one(pool.get(1, r, A, now=8.0), Grant) for r in (10, 11, 12)]
+    assert [g.instance_id for g in grants] == [
+        first.instance_id,
+        third.instance_id,
+        second.instance_id,
+    ]
+
+
+def test_a_busy_process_makes_the_next_get_spawn() -> None:
+    pool = make_pool(max_pool_size=2)
+    checkout(pool, A, now=1.0)
+    assert pool.get(1, 2, A, now=2.0) == [Spawn(2, A)]
+
+
+def test_spawns_in_flight_count_against_max_pool_size() -> None:
+    pool = make_pool(max_pool_size=2)
+    assert only(pool.get(1, 1, A, now=0.0), Spawn) != []
+    assert only(pool.get(1, 2, B, now=0.0), Spawn) != []
+    assert pool.get(1, 3, C, now=0.0) == []  # full of spawns, nothing to evict
+    assert (pool.count, pool.waiting) == (2, 3)
+
+
+def test_each_waiter_gets_its_own_spawn() -> None:
+    pool = make_pool(max_pool_size=6)
+    for r in range(3):
+        pool.get(1, r, A, now=0.0)
+    assert pool.count == 3  # one spawn per waiter
+    pool.get(1, 9, A, now=0.0)
+    assert pool.count == 4
+
+
+def test_max_per_app_caps_one_app_but_not_the_others() -> None:
+    pool = make_pool(max_pool_size=4, max_per_app=1)
+    checkout(pool, A, now=0.0)
+    assert pool.get(1, 2, A, now=1.0) == []  # queued behind the busy one
+    assert only(pool.get(1, 3, B, now=1.0), Spawn) == [Spawn(2, B)]
+
+
+def test_max_per_app_counts_spawns_in_flight() -> None:
+    pool = make_pool(max_pool_size=4, max_per_app=2)
+    decisions = [d for r in range(4) for d in pool.get(1, r, A, now=0.0)]
+    assert len(only(decisions, Spawn)) == 2
+    assert pool.waiting == 4
+
+
+# --- eviction when the pool is full ---------------------------------------------------
+
+
+def test_full_pool_evicts_the_least_recently_used_idle_process() -> None:
+    pool = make_pool(max_pool_size=2)
+    a = idle_process(pool, A, now=1.0)
+    idle_process(pool, B, now=2.0)
+    decisions = pool.get(1, 9, C, now=3.0)
+    assert decisions == [Stop(a, "evicted"), Spawn(3, C)]
+    assert pool.statistics(3.0).app(A) is None  # forgotten with its last process
+
+
+def test_eviction_prefers_apps_above_min_instances() -> None:
+    pool = make_pool(max_pool_size=3, min_instances=1)
+    b = idle_process(pool, B, now=0.0)  # the oldest, but B's only process
+    first = checkout(pool, A, now=1.0)
+    second = checkout(pool, A, now=1.0)
+    pool.close_session(1, first.session_id, now=2.0)
+    pool.close_session(1, second.session_id, now=3.0)
+    decisions = pool.get(1, 9, C, now=4.0)
+    assert only(decisions, Stop) == [Stop(first.instance_id, "evicted")]
+    assert b in states(pool, B)
+
+
+def test_eviction_still_takes_an_app_at_min_instances_so_nothing_starves() -> None:
+    # The documented deviation: min_instances only protects from idle reaping.
+    pool = make_pool(max_pool_size=1, min_instances=1)
+    a = idle_process(pool, A, now=0.0)
+    assert pool.get(1, 9, B, now=1.0) == [Stop(a, "evicted"), Spawn(2, B)]
+
+
+def test_eviction_spares_a_freed_process_its_own_app_waits_for() -> None:
+    pool = make_pool(max_pool_size=2)
+    a = checkout(pool, A, now=0.0, client=1)
+    c = checkout(pool, C, now=0.0, client=1)
+    pool.get(2, 11, A, now=1.0)  # A's waiter wants A's process back
+    pool.get(2, 12, B, now=2.0)  # B has nothing
+    decisions = pool.client_gone(1, now=3.0)
+    assert only(decisions, Stop) == [Stop(c.instance_id, "evicted")]
+    assert one(decisions, Spawn).app_root == B
+    assert one(decisions, Grant).instance_id == a.instance_id
+
+
+def test_busy_processes_are_never_evicted() -> None:
+    pool = make_pool(max_pool_size=2)
+    checkout(pool, A, now=0.0)
+    checkout(pool, B, now=0.0)
+    assert pool.get(1, 9, C, now=1.0) == []
+    assert pool.waiting == 1
+
+
+def test_spawning_processes_are_never_evicted() -> None:
+    pool = make_pool(max_pool_size=1)
+    pool.get(1, 1, A, now=0.0)
+    assert pool.get(1, 2, B, now=1.0) == []
+    assert states(pool, A) == {1: "spawning"}
+
+
+# --- queueing, FIFO and fairness ------------------------------------------------------
+
+
+def test_waiters_of_an_app_are_served_in_arrival_order() -> None:
+    pool = make_pool(max_pool_size=1)
+    held = checkout(pool, A, now=0.0)
+    for r in (101, 102, 103):
+        assert pool.get(r, r, A, now=1.0) == []
+    served = []
+    session = held.session_id
+    client = 1
+    for t in (2.0, 3.0, 4.0):
+        grant = one(pool.close_session(client, session, now=t), Grant)
+        served.append(grant.request_id)
+        client, session = grant.client_id, grant.session_id
+    assert served == [101, 102, 103]
+
+
+def test_freed_capacity_goes_first_to_an_app_with_no_process() -> None:
+    pool = make_pool(max_pool_size=1)
+    a = checkout(pool, A, now=0.0)
+    pool.get(1, 11, A, now=1.0)  # A waits for its own busy process
+    pool.get(1, 12, B, now=2.0)  # B has no process at all
+    decisions = pool.close_session(1, a.session_id, now=3.0)
+    assert decisions == [Stop(a.instance_id, "evicted"), Spawn(2, B)]
+    b = one(ready(pool, 2, now=4.0), Grant)
+    assert b.request_id == 12
+    # Now A has no process: B's freed process goes to A in turn.
+    decisions = pool.close_session(1, b.session_id, now=5.0)
+    assert decisions == [Stop(2, "evicted"), Spawn(3, A)]
+    assert one(ready(pool, 3, now=6.0), Grant).request_id == 11
+
+
+def test_a_freed_slot_goes_to_an_app_with_no_process_first() -> None:
+    pool = make_pool(max_pool_size=2)
+    a1 = checkout(pool, A, now=0.0)
+    checkout(pool, A, now=0.0)
+    pool.get(1, 11, A, now=1.0)
+    pool.get(1, 12, B, now=2.0)
+    decisions = pool.instance_exited(a1.instance_id, now=3.0)
+    assert decisions == [Spawn(3, B)]
+
+
+def test_a_freed_slot_goes_to_the_freed_app_before_older_waiters() -> None:
+    pool = make_pool(max_pool_size=3)
+    a1 = checkout(pool, A, now=0.0)
+    checkout(pool, A, now=0.0)
+    checkout(pool, C, now=0.0)
+    pool.get(1, 11, C, now=1.0)  # C's waiter is older
+    pool.get(1, 12, A, now=2.0)
+    decisions = pool.instance_exited(a1.instance_id, now=3.0)
+    assert decisions == [Spawn(4, A)]
+
+
+def test_a_freed_slot_goes_to_other_apps_by_arrival() -> None:
+    pool = make_pool(max_pool_size=3)
+    checkout(pool, A, now=0.0)
+    checkout(pool, B, now=0.0)
+    c = checkout(pool, C, now=0.0)
+    pool.get(1, 11, B, now=1.0)
+    pool.get(1, 12, A, now=2.0)
+    decisions = pool.instance_exited(c.instance_id, now=3.0)
+    assert decisions == [Spawn(4, B)]
+
+
+def test_a_retired_process_freeing_its_slot_serves_its_own_app_first() -> None:
+    pool = make_pool(max_pool_size=3, max_requests=2)
+    a1 = checkout(pool, A, now=0.0)
+    pool.close_session(1, a1.session_id, now=0.0)
+    a1 = one(pool.get(1, 1, A, now=0.0), Grant)  # its second session: retiring
+    checkout(pool, A, now=0.0)
+    checkout(pool, C, now=0.0)
+    pool.get(1, 11, C, now=1.0)  # the older waiter, of another app
+    pool.get(1, 12, A, now=2.0)
+    decisions = pool.close_session(1, a1.session_id, now=3.0)
+    assert decisions == [Stop(a1.instance_id, "max-requests"), Spawn(4, A)]
+
+
+# --- the queue limit ------------------------------------------------------------------
+
+
+def test_a_full_queue_fails_the_get_at_once() -> None:
+    pool = make_pool(max_pool_size=1, max_queue_size=2)
+    checkout(pool, A, now=0.0)
+    assert pool.get(1, 1, A, now=1.0) == []
+    assert pool.get(1, 2, A, now=1.0) == []
+    fail = one(pool.get(1, 3, A, now=1.0), Fail)
+    assert (fail.client_id, fail.request_id, fail.kind) == (1, 3, "QueueFullError")
+    assert pool.waiting == 2
+    # Another app's queue is separate.
+    assert pool.get(1, 4, B, now=1.0) == []
+    assert pool.waiting == 3
+
+
+def test_max_queue_size_zero_means_unbounded() -> None:
+    pool = make_pool(max_pool_size=1, max_queue_size=0)
+    checkout(pool, A, now=0.0)
+    for r in range(500):
+        assert pool.get(1, r, A, now=1.0) == []
+    assert pool.waiting == 500
+
+
+# --- get timeouts ---------------------------------------------------------------------
+
+
+def test_a_waiter_times_out_on_tick() -> None:
+    pool = make_pool(max_pool_size=1)
+    held = checkout(pool, A, now=0.0)
+    assert pool.get(1, 5, A, now=10.0, timeout=2.5) == []
+    assert pool.next_deadline() == 12.5
+    assert pool.tick(12.4) == []
+    fail = one(pool.tick(12.5), Fail)
+    assert (fail.request_id, fail.kind) == (5, "GetTimeoutError")
+    assert pool.waiting == 0
+    assert pool.next_deadline() is None
+    # Capacity freed later is not given to it.
+    assert pool.close_session(1, held.session_id, now=13.0) == []
+
+
+def test_a_timed_out_waiter_leaves_the_others_in_order() -> None:
+    pool = make_pool(max_pool_size=1)
+    held = checkout(pool, A, now=0.0)
+    pool.get(1, 1, A, now=1.0)
+    pool.get(1, 2, A, now=1.0, timeout=1.0)
+    pool.get(1, 3, A, now=1.0)
+    assert one(pool.tick(2.0), Fail).request_id == 2
+    grant = one(pool.close_session(1, held.session_id, now=3.0), Grant)
+    assert grant.request_id == 1
+    assert one(pool.close_session(1, grant.session_id, now=4.0), Grant).request_id == 3
+
+
+def test_timeout_zero_fails_at_once_when_nothing_is_free() -> None:
+    pool = make_pool(max_pool_size=1)
+    checkout(pool, A, now=0.0)
+    fail = one(pool.get(1, 9, A, now=1.0, timeout=0), Fail)
+    assert (fail.request_id, fail.kind) == (9, "GetTimeoutError")
+    assert pool.waiting == 0
+
+
+def test_timeout_zero_is_granted_when_a_process_is_free() -> None:
+    pool = make_pool()
+    idle_process(pool, A, now=0.0)
+    assert one(pool.get(1, 9, A, now=1.0, timeout=0), Grant).request_id == 9
+
+
+def test_a_timed_out_get_leaves_no_empty_app_behind() -> None:
+    pool = make_pool(max_pool_size=1)
+    checkout(pool, A, now=0.0)
+    one(pool.get(1, 9, B, now=1.0, timeout=0), Fail)
+    assert [app.app_root for app in pool.statistics(1.0).apps] == [A]
+
+
+# --- spawn failure, dead processes ----------------------------------------------------
+
+
+def test_a_spawn_failure_fails_every_waiter_of_that_app_only() -> None:
+    pool = make_pool(max_pool_size=4)
+    a = checkout(pool, A, now=0.0)
+    pool.get(1, 1, A, now=1.0)
+    pool.get(2, 2, A, now=1.0)
+    spawn_b = one(pool.get(3, 3, B, now=1.0), Spawn)
+    spawn_a = 2
+    decisions = pool.spawn_failed(spawn_a, "boom", "Traceback...", now=2.0)
+    fails = only(decisions, Fail)
+    assert {(f.client_id, f.request_id) for f in fails} == {(1, 1), (2, 2)}
+    assert {(f.kind, f.message, f.detail) for f in fails} == {
+        ("SpawnError", "boom", "Traceback...")
+    }
+    assert only(decisions, Stop) == []  # the app's other process is left alone
+    assert a.instance_id in states(pool, A)
+    assert one(ready(pool, spawn_b, now=3.0), Grant).request_id == 3
+
+
+def test_a_spawn_failure_frees_its_slot_for_other_apps() -> None:
+    pool = make_pool(max_pool_size=1)
+    pool.get(1, 1, A, now=0.0)
+    pool.get(1, 2, B, now=0.0)
+    decisions = pool.spawn_failed(1, "boom", "", now=1.0)
+    assert one(decisions, Fail).request_id == 1
+    assert one(decisions, Spawn) == Spawn(2, B)
+
+
+def test_a_retired_spawn_that_fails_does_not_fail_the_new_waiters() -> None:
+    pool = make_pool(max_pool_size=2)
+    pool.get(1, 1, A, now=0.0)  # spawn 1, old code
+    pool.restart_app(A, now=1.0)  # spawn 1 retires; spawn 2 serves the waiter
+    assert pool.count == 2
+    assert pool.spawn_failed(1, "old code broke", "", now=2.0) == []
+    assert one(ready(pool, 2, now=3.0), Grant).request_id == 1
+
+
+def test_a_dead_process_is_removed_and_its_waiters_respawned() -> None:
+    pool = make_pool(max_pool_size=1)
+    held = checkout(pool, A, now=0.0)
+    pool.get(2, 7, A, now=1.0)
+    assert pool.instance_exited(held.instance_id, now=2.0) == [Spawn(2, A)]
+    assert pool.active == 0
+    # The session died with its process: closing it changes nothing.
+    assert pool.close_session(1, held.session_id, now=3.0) == []
+    assert one(ready(pool, 2, now=4.0), Grant).request_id == 7
+
+
+def test_a_dead_idle_process_without_waiters_is_just_forgotten() -> None:
+    pool = make_pool()
+    a = idle_process(pool, A, now=0.0)
+    assert pool.instance_exited(a, now=1.0) == []
+    assert (pool.count, pool.statistics(1.0).apps) == (0, ())
+    assert pool.instance_exited(a, now=2.0) == []  # a second notice is harmless
+
+
+def test_session_failed_removes_the_unreachable_process() -> None:
+    pool = make_pool(max_pool_size=1)
+    held = checkout(pool, A, now=0.0)
+    pool.get(2, 7, A, now=1.0)
+    assert pool.session_failed(2, held.session_id, now=2.0) == []  # not its session
+    decisions = pool.session_failed(1, held.session_id, now=2.0)
+    assert decisions == [Stop(held.instance_id, "unreachable"), Spawn(2, A)]
+    assert pool.active == 0
+
+
+# --- clients --------------------------------------------------------------------------
+
+
+def test_close_session_by_another_client_is_ignored() -> None:
+    pool = make_pool(max_pool_size=1)
+    held = checkout(pool, A, now=0.0, client=1)
+    pool.get(2, 7, A, now=1.0)
+    assert pool.close_session(2, held.session_id, now=2.0) == []
+    assert (pool.active, pool.waiting) == (1, 1)
+    assert one(pool.close_session(1, held.session_id, now=3.0), Grant).client_id == 2
+    assert pool.close_session(1, held.session_id, now=4.0) == []  # idempotent
+
+
+def test_client_gone_drops_its_waiters_and_releases_its_sessions() -> None:
+    pool = make_pool(max_pool_size=1)
+    checkout(pool, A, now=0.0, client=1)
+    pool.get(1, 1, A, now=1.0)
+    pool.get(2, 2, A, now=1.0)
+    pool.get(1, 3, A, now=1.0)
+    pool.get(3, 4, A, now=1.0)
+    decisions = pool.client_gone(1, now=2.0)
+    assert decisions == [Grant(2, 2, 2, 1, 1001, A, "/run/1.sock")]
+    assert (pool.active, pool.waiting) == (1, 1)
+    assert pool.client_gone(1, now=3.0) == []
+
+
+def test_client_gone_with_only_waiters_forgets_their_app() -> None:
+    pool = make_pool(max_pool_size=1)
+    checkout(pool, A, now=0.0, client=1)
+    pool.get(2, 2, B, now=1.0)
+    assert pool.client_gone(2, now=2.0) == []
+    assert pool.statistics(2.0).app(B) is None
+
+
+# --- idle reaping and max_requests ----------------------------------------------------
+
+
+def test_idle_processes_are_reaped_down_to_min_instances() -> None:
+    pool = make_pool(max_pool_size=3, min_instances=1, max_idle_time=10)
+    grants = [checkout(pool, A, now=0.0) for _ in range(3)]
+    for t, grant in zip((3.0, 1.0, 2.0), grants, strict=True):
+        pool.close_session(1, grant.session_id, now=t)
+    assert pool.next_deadline() == 11.0
+    assert pool.tick(10.9) == []
+    assert pool.tick(11.0) == [Stop(grants[1].instance_id, "idle")]
+    assert pool.next_deadline() == 12.0
+    assert pool.tick(100.0) == [Stop(grants[2].instance_id, "idle")]
+    assert pool.next_deadline() is None  # the last one is kept
+    assert pool.tick(1000.0) == []
+    assert list(states(pool, A)) == [grants[0].instance_id]
+
+
+def test_min_instances_zero_reaps_everything_and_forgets_the_app() -> None:
+    pool = make_pool(min_instances=0, max_idle_time=5)
+    a = idle_process(pool, A, now=0.0)
+    assert pool.tick(5.0) == [Stop(a, "idle")]
+    assert (pool.count, pool.statistics(5.0).apps) == (0, ())
+
+
+def test_busy_processes_are_not_reaped() -> None:
+    pool = make_pool(min_instances=0, max_idle_time=5)
+    checkout(pool, A, now=0.0)
+    assert pool.next_deadline() is None
+    assert pool.tick(100.0) == []
+
+
+def test_max_idle_time_zero_never_reaps() -> None:
+    pool = make_pool(min_instances=0, max_idle_time=0)
+    idle_process(pool, A, now=0.0)
+    assert pool.next_deadline() is None
+    assert pool.tick(1e9) == []
+    assert pool.count == 1
+
+
+@pytest.mark.parametrize("last_used", [0.1, 1355.099862898725, 1000.7, 12345.678])
+@pytest.mark.parametrize("max_idle_time", [0.2, 1.1, 0.3, 300.0])
+def test_tick_at_next_deadline_always_acts(
+    last_used: float, max_idle_time: float
+) -> None:
+    # The alarm fires at next_deadline(): if tick did nothing then, the
+    # deadline would stay in the past and the alarm would spin.
+    pool = make_pool(min_instances=0, max_idle_time=max_idle_time)
+    idle_process(pool, A, now=last_used)
+    deadline = pool.next_deadline()
+    assert deadline is not None
+    assert only(pool.tick(deadline), Stop) != []
+    assert pool.next_deadline() is None
+
+
+def test_a_retiring_process_does_not_count_towards_min_instances() -> None:
+    pool = make_pool(max_pool_size=2, min_instances=1, max_idle_time=5)
+    old = checkout(pool, A, now=0.0)
+    pool.restart_app(A, now=1.0)  # busy: it finishes its session, then goes
+    new = checkout(pool, A, now=1.0)
+    pool.close_session(1, new.session_id, now=1.0)
+    assert pool.tick(100.0) == []  # the new one is the app's last live process
+    assert pool.close_session(1, old.session_id, now=101.0) == [
+        Stop(old.instance_id, "retired")
+    ]
+    assert list(states(pool, A)) == [new.instance_id]
+
+
+def test_a_process_is_retired_after_max_requests_sessions() -> None:
+    pool = make_pool(max_requests=2)
+    first = checkout(pool, A, now=0.0)
+    assert pool.close_session(1, first.session_id, now=1.0) == []
+    second = one(pool.get(1, 2, A, now=2.0), Grant)
+    assert second.instance_id == first.instance_id
+    assert states(pool, A) == {first.instance_id: "retiring"}
+    # A get now does not reuse it: it spawns a replacement.
+    assert pool.get(1, 3, A, now=3.0) == [Spawn(2, A)]
+    decisions = pool.close_session(1, second.session_id, now=4.0)
+    assert decisions == [Stop(first.instance_id, "max-requests")]
+
+
+# --- restart and clear ----------------------------------------------------------------
+
+
+def test_restart_stops_idle_processes_and_retires_busy_ones() -> None:
+    pool = make_pool(max_pool_size=4)
+    busy = checkout(pool, A, now=0.0)
+    idle = idle_process(pool, A, now=0.0)
+    other = idle_process(pool, B, now=0.0)
+    decisions = pool.restart_app(A, now=1.0)
+    assert decisions == [Stop(idle, "restart")]
+    assert states(pool, A) == {busy.instance_id: "retiring"}
+    assert other in states(pool, B)
+    # New gets never land on the retiring process.
+    spawn = one(pool.get(1, 5, A, now=2.0), Spawn)
+    assert spawn.instance_id != busy.instance_id
+    assert pool.close_session(1, busy.session_id, now=3.0) == [
+        Stop(busy.instance_id, "retired")
+    ]
+
+
+def test_a_spawn_in_flight_during_restart_is_stopped_when_ready() -> None:
+    pool = make_pool(max_pool_size=2)
+    old = one(pool.get(1, 1, A, now=0.0), Spawn)
+    new = one(pool.restart_app(A, now=1.0), Spawn)  # the waiter gets a fresh spawn
+    assert states(pool, A, now=1.0) == {
+        old.instance_id: "retiring",
+        new.instance_id: "spawning",
+    }
+    assert ready(pool, old, now=2.0) == [Stop(old.instance_id, "restart")]
+    assert pool.waiting == 1
+    assert one(ready(pool, new, now=3.0), Grant).instance_id == new.instance_id
+
+
+def test_restart_of_an_unknown_app_does_nothing() -> None:
+    pool = make_pool()
+    idle_process(pool, A, now=0.0)
+    assert pool.restart_app(B, now=1.0) == []
+    assert pool.count == 1
+
+
+def test_clear_retires_every_process_of_every_app() -> None:
+    pool = make_pool(max_pool_size=4)
+    busy = checkout(pool, A, now=0.0)
+    a = idle_process(pool, A, now=0.0)
+    b = idle_process(pool, B, now=0.0)
+    decisions = pool.clear(now=1.0)
+    assert sorted(only(decisions, Stop), key=lambda s: s.instance_id) == [
+        Stop(a, "clear"),
+        Stop(b, "clear"),
+    ]
+    assert pool.count == 1
+    assert pool.close_session(1, busy.session_id, now=2.0) == [
+        Stop(busy.instance_id, "retired")
+    ]
+    assert pool.count == 0
+
+
+# --- changing limits at run time ------------------------------------------------------
+
+
+def test_raising_max_pool_size_serves_waiters_at_once() -> None:
+    pool = make_pool(max_pool_size=1)
+    checkout(pool, A, now=0.0)
+    pool.get(1, 1, A, now=1.0)
+    pool.get(1, 2, B, now=1.0)
+    decisions = pool.set_max_pool_size(3, now=2.0)
+    assert sorted(s.app_root for s in only(decisions, Spawn)) == [A, B]
+    assert pool.max_pool_size == 3
+
+
+def test_lowering_max_pool_size_stops_idle_processes_oldest_first() -> None:
+    pool = make_pool(max_pool_size=4)
+    busy = checkout(pool, A, now=0.0)
+    old = idle_process(pool, B, now=1.0)
+    idle_process(pool, C, now=2.0)
+    assert pool.set_max_pool_size(2, now=3.0) == [Stop(old, "limit")]
+    assert pool.count == 2
+    assert busy.instance_id in states(pool, A)
+
+
+def test_processes_over_a_lowered_max_pool_size_stop_once_free() -> None:
+    pool = make_pool(max_pool_size=3)
+    grants = [checkout(pool, app, now=0.0) for app in (A, B, C)]
+    assert pool.set_max_pool_size(1, now=1.0) == []  # all busy: they finish first
+    assert pool.count == 3
+    assert pool.close_session(1, grants[0].session_id, now=2.0) == [
+        Stop(grants[0].instance_id, "limit")
+    ]
+    assert pool.close_session(1, grants[1].session_id, now=3.0) == [
+        Stop(grants[1].instance_id, "limit")
+    ]
+    assert pool.close_session(1, grants[2].session_id, now=4.0) == []
+    assert pool.count == 1
+
+
+def test_a_get_never_spawns_past_a_lowered_max_pool_size() -> None:
+    pool = make_pool(max_pool_size=2)
+    checkout(pool, A, now=0.0)
+    checkout(pool, B, now=0.0)
+    pool.set_max_pool_size(1, now=1.0)
+    assert pool.get(1, 1, C, now=2.0) == []
+    assert pool.count == 2
+
+
+def test_raising_max_per_app_serves_waiters_at_once() -> None:
+    pool = make_pool(max_pool_size=4, max_per_app=1)
+    checkout(pool, A, now=0.0)
+    pool.get(1, 1, A, now=1.0)
+    pool.get(1, 2, A, now=1.0)
+    decisions = pool.set_max_per_app(2, now=2.0)
+    assert decisions == [Spawn(2, A)]
+    assert pool.set_max_per_app(0, now=3.0) == [Spawn(3, A)]
+
+
+def test_lowering_max_per_app_stops_idle_processes_over_it() -> None:
+    pool = make_pool(max_pool_size=4)
+    busy, old, newer = (checkout(pool, A, now=0.0) for _ in range(3))
+    pool.close_session(1, newer.session_id, now=2.0)
+    pool.close_session(1, old.session_id, now=1.0)
+    decisions = pool.set_max_per_app(2, now=3.0)
+    assert decisions == [Stop(old.instance_id, "limit")]
+    assert set(states(pool, A)) == {busy.instance_id, newer.instance_id}
+
+
+def test_lowering_max_idle_time_reaps_at_once() -> None:
+    pool = make_pool(max_pool_size=2, min_instances=0, max_idle_time=300)
+    a = idle_process(pool, A, now=0.0)
+    b = idle_process(pool, B, now=50.0)
+    assert pool.set_max_idle_time(60, now=100.0) == [Stop(a, "idle")]
+    assert pool.next_deadline() == 110.0
+    assert pool.set_max_idle_time(0, now=200.0) == []
+    assert pool.next_deadline() is None
+    assert list(states(pool, B)) == [b]
+
+
+# --- concurrency > 1 ------------------------------------------------------------------
+
+
+def test_a_process_with_concurrency_serves_that_many_sessions() -> None:
+    pool = make_pool(max_pool_size=1)
+    for r in range(4):
+        pool.get(1, r, A, now=0.0)
+    decisions = ready(pool, 1, now=1.0, concurrency=3)
+    grants = only(decisions, Grant)
+    assert [g.request_id for g in grants] == [0, 1, 2]
+    assert {g.instance_id for g in grants} == {1}
+    assert pool.waiting == 1
+    process = pool.statistics(1.0).apps[0].processes[0]
+    assert (process.sessions, process.concurrency) == (3, 3)
+    assert (
+        one(pool.close_session(1, grants[0].session_id, now=2.0), Grant).request_id == 3
+    )
+
+
+def test_a_process_with_concurrency_is_not_idle_until_all_sessions_close() -> None:
+    pool = make_pool(max_pool_size=1, min_instances=0, max_idle_time=5)
+    pool.get(1, 1, A, now=0.0)
+    pool.get(1, 2, A, now=0.0)
+    first, second = only(ready(pool, 1, now=0.0, concurrency=2), Grant)
+    pool.close_session(1, first.session_id, now=1.0)
+    assert pool.get(1, 3, B, now=1.0) == []  # one session open: not evictable
+    assert pool.tick(100.0) == []
+    assert pool.close_session(1, second.session_id, now=2.0) == [
+        Stop(1, "evicted"),
+        Spawn(2, B),
+    ]
+
+
+def test_instance_ready_for_an_unknown_instance_stops_it() -> None:
+    pool = make_pool()
+    assert ready(pool, 42, now=0.0) == [Stop(42, "cancelled")]
+
+
+def test_a_repeated_instance_ready_does_not_stop_a_live_process() -> None:
+    pool = make_pool()
+    a = idle_process(pool, A, now=0.0)
+    assert ready(pool, a, now=1.0) == []
+    assert one(pool.get(1, 1, A, now=2.0), Grant).instance_id == a
+
+
+# --- statistics and repr --------------------------------------------------------------
+
+
+def test_statistics_snapshot() -> None:
+    pool = make_pool(max_pool_size=3, max_per_app=2, max_requests=2)
+    busy = checkout(pool, A, now=10.0)  # processed 1
+    pool.close_session(1, busy.session_id, now=12.0)
+    busy = one(pool.get(1, 1, A, now=15.0), Grant)  # processed 2: retiring
+    pool.get(1, 2, A, now=16.0)  # spawns a second A process
+    pool.get(1, 3, B, now=16.0)  # spawns B
+    pool.get(1, 4, C, now=16.0)  # waits: the pool is full
+    stats = pool.statistics(20.0, clients=5)
+    assert (stats.max_pool_size, stats.max_per_app) == (3, 2)
+    assert (stats.count, stats.active, stats.waiting, stats.clients) == (3, 1, 3, 5)
+    assert [app.app_root for app in stats.apps] == [A, B, C]
+    a, b, c = stats.apps
+    assert (a.count, a.active, a.waiting) == (2, 1, 1)
+    assert (b.count, b.active, b.waiting) == (1, 0, 1)
+    assert (c.count, c.active, c.waiting, c.processes) == (0, 0, 1, ())
+    first, second = a.processes
+    assert first.instance_id == busy.instance_id
+    assert first.pid == busy.pid
+    assert (first.state, first.sessions, first.processed) == ("retiring", 1, 2)
+    assert (first.uptime, first.idle) == (10.0, 5.0)
+    assert (second.state, second.pid, second.sessions) == ("spawning", 0, 0)
+    assert (second.uptime, second.concurrency) == (4.0, 1)
+    assert b.processes[0].state == "spawning"
+    assert "max      = 3" in str(stats)
+    assert pool.statistics(20.0) == pool.statistics(20.0)
+
+
+def test_statistics_of_a_ready_process() -> None:
+    pool = make_pool()
+    pool.get(1, 1, A, now=1.0)
+    ready(pool, 1, now=2.0, concurrency=4)
+    (process,) = pool.statistics(9.0).apps[0].processes
+    assert (process.state, process.pid, process.concurrency) == ("ready", 1001, 4)
+    assert (process.sessions, process.processed, process.uptime) == (1, 1, 8.0)
+    assert process.idle == 7.0
+
+
+def test_repr_names_the_counts() -> None:
+    pool = make_pool(max_pool_size=2)
+    checkout(pool, A, now=0.0)
+    pool.get(1, 1, A, now=0.0)
+    text = repr(pool)
+    assert "count=2/2" in text
+    assert "active=1" in text
+    assert "waiting=1" in text
