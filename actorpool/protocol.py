@@ -198,7 +198,9 @@ class Connection:
                     f"reply to request {message.request_id}, which is not in flight"
                 )
         body = encode(message)
-        if len(body) > self.max_frame_size:
+        # What we send is bounded by what any peer accepts by default, not by
+        # our own (possibly smaller) limit on what we receive.
+        if len(body) > MAX_FRAME_SIZE:
             raise LocalProtocolError(f"frame of {len(body)} bytes is over the limit")
         # Every check passed: only now does the connection change.
         self.state = next_state

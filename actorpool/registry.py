@@ -347,9 +347,19 @@ class _Alarm:
         self._thread.start()
 
     def set(self, deadline: float | None) -> None:
-        if deadline == self._deadline:
-            return
+        """Make sure a ``Tick`` comes no later than ``deadline``.
+
+        Only an earlier deadline wakes the thread. A later one (the usual
+        case: each get pushes the idle deadline back) keeps the armed time,
+        and the early ``Tick`` then finds nothing due and re-arms. One
+        spurious tick per deadline is much cheaper than a thread wake-up
+        per message.
+        """
         with self._cond:
+            if deadline is None or (
+                self._deadline is not None and self._deadline <= deadline
+            ):
+                return
             self._deadline = deadline
             self._cond.notify()
 

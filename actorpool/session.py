@@ -1,13 +1,22 @@
 """ClientSessionActor: the server's side of one client connection.
 
-A reader thread does the only blocking thing, ``recv``, and tells the actor
-what arrived. The actor feeds the bytes to a sans-IO
-:class:`~actorpool.protocol.Connection`, forwards each request to the
-registry with a ``tell`` (the reply comes back later as a message to this
-actor), and writes replies to the socket. When the client closes, or sends
-anything the protocol does not allow, the actor closes this one connection
-and tells the registry, which releases every session and waiter the client
-had. Nothing else in the server is affected.
+The actor owns one client's socket and its sans-IO
+:class:`~actorpool.protocol.Connection`, and works in two halves:
+
+* its **reader thread** does the only blocking thing, ``recv``, feeds the
+  bytes to the connection, and tells each decoded request straight to the
+  registry (a ``ClientRequest``). Going through the actor's inbox first
+  would add a thread hand-off to every request: on the get/close round trip
+  that hop costs more than everything else the server does.
+* the **actor** writes to the socket: the welcome, every reply the registry
+  tells it, and the error frame before a close. Writes stay on one thread,
+  so frames never interleave.
+
+The two halves share the connection's state under a lock. When the client
+closes, or sends anything the protocol does not allow, the reader tells the
+actor, which closes this one connection and tells the registry; the registry
+releases every session and waiter the client had. Nothing else in the
+server is affected.
 """
 
 from __future__ import annotations
@@ -52,11 +61,11 @@ _RECV_SIZE = 64 * 1024
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
-class Received:
-    """Reader thread to its actor: bytes from the client (``b""``: it closed)."""
+class HangUp:
+    """Reader thread to its actor: the connection is over."""
 
-    data: bytes
-    """What ``recv`` returned."""
+    error: str = ""
+    """Why, when the client broke the protocol; empty when it just closed."""
 
 
 class ClientSessionActor(pykka.ThreadingActor):
@@ -70,6 +79,7 @@ class ClientSessionActor(pykka.ThreadingActor):
         self._client_id = client_id
         self._registry = registry
         self._conn = Connection(Role.SERVER, max_frame_size=MAX_REQUEST_FRAME)
+        self._conn_lock = threading.Lock()  # the reader receives, the actor sends
         self._closing = False  # stop() was asked for: ignore what still arrives
         self._closed = False
         self._reader = threading.Thread(
@@ -98,10 +108,15 @@ class ClientSessionActor(pykka.ThreadingActor):
         self._reader.start()
 
     def on_receive(self, message: Any) -> None:
-        if isinstance(message, Received):
-            self._on_data(message.data)
-        elif isinstance(message, Reply):
+        if isinstance(message, Reply):
             self._send(message)
+        elif isinstance(message, Hello):
+            self._welcome(message)
+        elif isinstance(message, HangUp):
+            if message.error:
+                self._fail(message.error)
+            else:
+                self._hang_up()
         else:
             logger.warning("ClientSessionActor ignores unexpected message %r", message)
 
@@ -113,29 +128,29 @@ class ClientSessionActor(pykka.ThreadingActor):
 
     # --- from the client ------------------------------------------------------
 
-    def _on_data(self, data: bytes) -> None:
-        if self._closing:
-            return  # already answered with an error, or the peer closed
-        self._conn.receive_data(data)
-        while True:
+    def _on_data(self, data: bytes) -> HangUp | None:
+        """Decode ``data`` and pass each message on (reader thread)."""
+        hang_up = None
+        events = []
+        with self._conn_lock:
+            self._conn.receive_data(data)
             try:
-                event = self._conn.next_event()
+                while (event := self._conn.next_event()) is not NEED_DATA:
+                    if event is PEER_CLOSED:
+                        hang_up = HangUp()
+                        break
+                    events.append(event)
             except RemoteProtocolError as exc:
-                self._fail(str(exc))
-                return
-            if event is NEED_DATA:
-                return
-            if event is PEER_CLOSED:
-                self._hang_up()
-                return
+                hang_up = HangUp(str(exc))
+        for event in events:
             if isinstance(event, Hello):
-                self._welcome(event)
+                self.actor_ref.tell(event)  # the answer is a write: the actor's job
             elif isinstance(event, Request | CloseSession | SessionFailed):
                 try:
                     self._registry.tell(ClientRequest(self._client_id, event))
                 except pykka.ActorDeadError:
-                    self._hang_up()  # the server is going down
-                    return
+                    return HangUp()  # the server is going down
+        return hang_up
 
     def _welcome(self, hello: Hello) -> None:
         if hello.version != PROTOCOL_VERSION:
@@ -148,10 +163,16 @@ class ClientSessionActor(pykka.ThreadingActor):
         self._send(Welcome(PROTOCOL_VERSION, os.getpid(), self._client_id))
 
     def _fail(self, text: str) -> None:
+        if self._closing:
+            return
         logger.warning("closing client %d: %s", self._client_id, text)
-        if self._conn.state in (State.ERROR, State.SEND_WELCOME):
-            with contextlib.suppress(OSError, LocalProtocolError):
-                self._sock.sendall(self._conn.send_protocol_error(text))
+        with self._conn_lock:
+            try:
+                frame = self._conn.send_protocol_error(text)
+            except LocalProtocolError:
+                frame = b""
+        with contextlib.suppress(OSError):
+            self._sock.sendall(frame)
         self._hang_up()
 
     # --- to the client --------------------------------------------------------
@@ -162,7 +183,8 @@ class ClientSessionActor(pykka.ThreadingActor):
         ):
             return  # closing: replies still in the inbox have nowhere to go
         try:
-            frame = self._conn.send(message)
+            with self._conn_lock:
+                frame = self._conn.send(message)
         except LocalProtocolError:
             # A bug on our side (say, a reply over the frame limit): this
             # client cannot be answered correctly any more, the others can.
@@ -187,11 +209,10 @@ class ClientSessionActor(pykka.ThreadingActor):
                 data = self._sock.recv(_RECV_SIZE)
             except OSError:
                 data = b""
-            try:
-                self.actor_ref.tell(Received(data))
-            except pykka.ActorDeadError:
-                return
-            if not data:
+            hang_up = self._on_data(data)
+            if hang_up is not None:
+                with contextlib.suppress(pykka.ActorDeadError):
+                    self.actor_ref.tell(hang_up)
                 return
 
     def _close(self) -> None:

@@ -36,7 +36,7 @@ from actorpool.messages import (
     WireMessage,
 )
 from actorpool.protocol import NEED_DATA, PEER_CLOSED, Connection, Role
-from actorpool.session import MAX_REQUEST_FRAME, ClientSessionActor, Received
+from actorpool.session import MAX_REQUEST_FRAME, ClientSessionActor, HangUp
 
 T = TypeVar("T")
 WAIT = 5.0
@@ -285,11 +285,7 @@ def test_bad_input_closes_only_that_connection(make_rig: Any) -> None:
 
 def test_the_error_frame_is_sent_once_however_the_bad_bytes_arrive(rig: Rig) -> None:
     rig.peer.handshake()
-    pause = threading.Event()
-    rig.actor.tell(pause)  # the next two chunks are handled back to back
-    rig.actor.tell(Received(b"\x00\x00\x00\x02\xc1\xc1"))
-    rig.actor.tell(Received(b"\x00\x00\x00\x02\xc1\xc1"))
-    pause.set()
+    rig.peer.sock.sendall(b"\x00\x00\x00\x02\xc1\xc1" * 2)  # two bad frames at once
 
     rig.peer.expect_protocol_error()  # one error, then the end of the stream
     assert take(rig.reports, ClientDetached).client_id == CLIENT_ID
@@ -344,7 +340,7 @@ def test_a_reply_after_the_client_closed_is_dropped(rig: Rig) -> None:
     take(rig.reports, ClientRequest)
     pause = threading.Event()
     rig.actor.tell(pause)
-    rig.actor.tell(Received(b""))  # the client went away ...
+    rig.actor.tell(HangUp())  # the client went away ...
     rig.actor.tell(SessionGranted(1, 1, 1, "/srv/a", "/s"))  # ... before this
     pause.set()
 
