@@ -9,7 +9,8 @@ application root, and lets many forked client processes check out a
     from actorpool import ApplicationPoolServer, PoolConfig
     from actorpool.testing import FakeSpawner
 
-    with ApplicationPoolServer(PoolConfig(max_pool_size=6), spawner=FakeSpawner()) as server:
+    config = PoolConfig(max_pool_size=6)
+    with ApplicationPoolServer(config, spawner=FakeSpawner()) as server:
         pool = server.connect()
         with pool.get("/srv/app") as session:
             session.socket.recv(100)
@@ -31,7 +32,7 @@ from actorpool.errors import (
     SpawnError,
 )
 from actorpool.server import ApplicationPoolServer
-from actorpool.spawner import Instance, SpawnRequest, Spawner
+from actorpool.spawner import Instance, Spawner, SpawnRequest
 from actorpool.statistics import AppStatistics, PoolStatistics, ProcessStatistics
 
 __all__ = [

@@ -14,6 +14,7 @@ way (a leader/follower scheme).
 from __future__ import annotations
 
 import contextlib
+import functools
 import itertools
 import os
 import socket
@@ -152,7 +153,9 @@ class ApplicationPool:
 
     # --- public API -------------------------------------------------------------
 
-    def get(self, app_root: str | os.PathLike[str], *, timeout: float | None = None) -> Session:
+    def get(
+        self, app_root: str | os.PathLike[str], *, timeout: float | None = None
+    ) -> Session:
         """Check out a session on a process of ``app_root``.
 
         Waits in the server's queue while the pool is at its limits, at most
@@ -166,8 +169,12 @@ class ApplicationPool:
         deadline = None if timeout is None else time.monotonic() + timeout
         last_error: OSError | None = None
         for _ in range(CONNECT_ATTEMPTS):
-            remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
-            reply = self._call(lambda rid: Get(rid, root, remaining))
+            remaining = (
+                None if deadline is None else max(0.0, deadline - time.monotonic())
+            )
+            reply = self._call(
+                functools.partial(_make_get, app_root=root, timeout=remaining)
+            )
             assert isinstance(reply, SessionGranted)
             sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
             try:
@@ -220,7 +227,11 @@ class ApplicationPool:
 
     def set_max_idle_time(self, seconds: float) -> None:
         """Change how long a process may stay idle (0: for ever)."""
-        if isinstance(seconds, bool) or not isinstance(seconds, int | float) or seconds < 0:
+        if (
+            isinstance(seconds, bool)
+            or not isinstance(seconds, int | float)
+            or seconds < 0
+        ):
             raise ConfigError(f"max_idle_time must be a number >= 0, not {seconds!r}")
         self._call(lambda rid: SetMaxIdleTime(rid, float(seconds)))
 
@@ -338,7 +349,9 @@ class ApplicationPool:
             assert isinstance(event, WireMessage)
             if isinstance(event, Reply) and event.request_id == 0:
                 assert isinstance(event, ErrorReply)
-                self._fail(RemoteProtocolError(f"the server closed on us: {event.message}"))
+                self._fail(
+                    RemoteProtocolError(f"the server closed on us: {event.message}")
+                )
                 return
             key = event.request_id if isinstance(event, Reply) else 0
             if key in self._abandoned:
@@ -360,7 +373,10 @@ class ApplicationPool:
             )
 
 
+def _make_get(request_id: int, *, app_root: str, timeout: float | None) -> Get:
+    return Get(request_id, app_root, timeout)
+
+
 def _check_int(name: str, value: object, minimum: int) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
         raise ConfigError(f"{name} must be an int >= {minimum}, not {value!r}")
-

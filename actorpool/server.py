@@ -30,7 +30,7 @@ import tempfile
 import threading
 import time
 from types import TracebackType
-from typing import Any, BinaryIO
+from typing import IO, Any
 
 from actorpool.acceptor import ACCEPTED, CONNECT, SHUTDOWN, AcceptorActor
 from actorpool.client import ApplicationPool
@@ -122,7 +122,9 @@ class ApplicationPoolServer:
         """
         with self._connect_lock:
             if self._channel is None:
-                raise ActorPoolError("this ApplicationPoolServer was detached or closed")
+                raise ActorPoolError(
+                    "this ApplicationPoolServer was detached or closed"
+                )
             try:
                 self._channel.send(CONNECT)
                 data, fd = recv_fd(self._channel, 64)
@@ -133,7 +135,9 @@ class ApplicationPoolServer:
                 os.close(fd)
             if not data:
                 raise ServerGoneError("the pool server has stopped")
-            raise RemoteProtocolError(f"unexpected answer on the connect channel: {data!r}")
+            raise RemoteProtocolError(
+                f"unexpected answer on the connect channel: {data!r}"
+            )
         return ApplicationPool(socket.socket(fileno=fd))
 
     def detach(self) -> None:
@@ -185,7 +189,8 @@ class ApplicationPoolServer:
 
     def _await_ready(self, payload: bytes, timeout: float) -> None:
         stdin, stdout = self._process.stdin, self._process.stdout
-        assert stdin is not None and stdout is not None
+        assert stdin is not None
+        assert stdout is not None
         try:
             stdin.write(payload)
             stdin.close()
@@ -212,7 +217,7 @@ class ApplicationPoolServer:
                 pipe.close()
 
 
-def _read_status(stdout: BinaryIO, deadline: float) -> bytes:
+def _read_status(stdout: IO[bytes], deadline: float) -> bytes:
     chunks: list[bytes] = []
     fd = stdout.fileno()
     while True:
@@ -248,9 +253,10 @@ def _server_main() -> None:
     except BaseException as exc:
         status.write(f"bad bootstrap: {exc!r}\n".encode())
         raise
+    pid = os.getpid()
     logging.basicConfig(
         level=boot.log_level,
-        format=f"%(asctime)s actorpool[{os.getpid()}] %(levelname)s %(name)s: %(message)s",
+        format=f"%(asctime)s actorpool[{pid}] %(levelname)s %(name)s: %(message)s",
     )
     _run_server(boot, status)
 
@@ -264,7 +270,9 @@ def _run_server(boot: _Bootstrap, status: Any) -> None:
     signal.signal(signal.SIGINT, lambda *_: stopping.set())
     started: list[Any] = []
     try:
-        spawner = SpawnerActor.start(boot.spawner, socket_dir, boot.config.spawn_timeout)
+        spawner = SpawnerActor.start(
+            boot.spawner, socket_dir, boot.config.spawn_timeout
+        )
         started.append(spawner)
         registry = RegistryActor.start(boot.config, spawner, on_fatal=stopping.set)
         started.append(registry)

@@ -9,11 +9,12 @@ started it) closes, so it never outlives the pool.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
 
-from actorpool import Instance, SpawnError, SpawnRequest, Spawner
+from actorpool import Instance, Spawner, SpawnError, SpawnRequest
 
 ECHO_SERVER = r"""
 import os, selectors, socket, sys
@@ -66,10 +67,8 @@ class EchoProcess:
 
     def wait(self) -> None:
         self._process.wait()
-        try:
+        with contextlib.suppress(FileNotFoundError):
             os.unlink(self.address)
-        except FileNotFoundError:
-            pass
 
 
 class EchoSpawner(Spawner):

@@ -33,8 +33,8 @@ import msgpack
 from actorpool import ApplicationPoolServer, PoolConfig
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import _managers_pool  # noqa: E402
-from _instances import EchoSpawner  # noqa: E402
+import _managers_pool
+from _instances import EchoSpawner
 
 APP = tempfile.mkdtemp(prefix="bench-app-")
 
@@ -130,7 +130,9 @@ def pin_process(pid: int, cpus: set[int]) -> None:
 # --- (a) and (b) ----------------------------------------------------------------------
 
 
-def one_client_round_trip(pool: ActorPoolUnderTest | ManagersPoolUnderTest, n: int) -> float:
+def one_client_round_trip(
+    pool: ActorPoolUnderTest | ManagersPoolUnderTest, n: int
+) -> float:
     get_close = pool.client()
     for _ in range(50):
         get_close()  # warm: the process exists, the code paths are hot
@@ -218,16 +220,24 @@ def main() -> None:
 
     baseline = results["multiprocessing.managers"]
     print()
-    print(f"{'':32} {'(a) get+close':>14} {'vs (c)':>7}   " + "   ".join(
-        f"{'(b) ' + str(c) + ' clients':>16} {'vs (d)':>7}" for c in client_counts))
+    print(
+        f"{'':32} {'(a) get+close':>14} {'vs (c)':>7}   "
+        + "   ".join(
+            f"{'(b) ' + str(c) + ' clients':>16} {'vs (d)':>7}" for c in client_counts
+        )
+    )
     for name, row in results.items():
         cells = [f"{row['rtt'] * 1e6:11.1f} us", f"{row['rtt'] / raw:6.2f}x"]
         for c in client_counts:
             key = f"x{c}"
             cells.append(f"{row[key]:12.0f} /s")
             cells.append(f"{row[key] / baseline[key]:6.2f}x")
-        print(f"{name:32} " + "   ".join(
-            f"{cells[i]:>14} {cells[i + 1]:>7}" for i in range(0, len(cells), 2)))
+        print(
+            f"{name:32} "
+            + "   ".join(
+                f"{cells[i]:>14} {cells[i + 1]:>7}" for i in range(0, len(cells), 2)
+            )
+        )
 
 
 if __name__ == "__main__":

@@ -439,11 +439,12 @@ SEED_EXAMPLE = textwrap.dedent(
                     server.detach()
                     with pool.get(app_root) as session:
                         line = session.socket.recv(4096)
-                        status = 0 if line == f"{app_root} {session.pid}\\n".encode() else 2
+                        expected = f"{app_root} {session.pid}\\n".encode()
+                        status = 0 if line == expected else 2
                 finally:
                     os._exit(status)
             children.append(pid)
-        statuses = [os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]) for pid in children]
+        statuses = [os.waitstatus_to_exitcode(os.waitpid(p, 0)[1]) for p in children]
         server.close()
     print(statuses)
     """
@@ -497,7 +498,7 @@ def test_connect_close_cycles_leak_no_descriptors(
         lambda: observer.statistics().clients == 1 and open_fds(server.pid) <= theirs,
         what="the server to close every connection",
     )
-    assert open_fds(server.pid) == theirs
+    assert open_fds(server.pid) <= theirs
 
 
 def test_close_stops_the_server_and_its_instances(
@@ -512,7 +513,7 @@ def test_close_stops_the_server_and_its_instances(
     with pytest.raises(ServerGoneError):
         pool.get(app)
     # The instance went with the server: its socket is gone.
-    with pytest.raises(OSError):
+    with pytest.raises((BrokenPipeError, ConnectionResetError)):
         session.socket.sendall(b"x" * 1_000_000)
     session.close()
     pool.close()
