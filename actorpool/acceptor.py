@@ -27,6 +27,7 @@ from typing import Any, Final
 import pykka
 
 from actorpool.fdpassing import send_fd
+from actorpool.reader import SocketReader
 from actorpool.session import ClientSessionActor
 
 __all__ = ["ACCEPTED", "CONNECT", "REFUSED", "SHUTDOWN", "AcceptorActor"]
@@ -66,6 +67,7 @@ class AcceptorActor(pykka.ThreadingActor):
         self._on_close = on_close
         self._client_ids = itertools.count(1)
         self._clients: list[pykka.ActorRef[Any]] = []
+        self._client_reader: SocketReader | None = None
         self._reader = threading.Thread(
             target=self._read, name="actorpool-acceptor", daemon=True
         )
@@ -74,6 +76,8 @@ class AcceptorActor(pykka.ThreadingActor):
         return f"<AcceptorActor clients={len(self._clients)}>"
 
     def on_start(self) -> None:
+        # One thread reads every client connection (see actorpool.reader).
+        self._client_reader = SocketReader("actorpool-clients")
         self._reader.start()
 
     def on_receive(self, message: Any) -> None:
@@ -96,6 +100,8 @@ class AcceptorActor(pykka.ThreadingActor):
         self._channel.close()
         for client in self._clients:
             client.stop()
+        if self._client_reader is not None:
+            self._client_reader.close()
 
     def on_failure(self, *_exc_info: object) -> None:
         # Nobody could connect any more: clean up and let the server stop.
@@ -122,7 +128,9 @@ class AcceptorActor(pykka.ThreadingActor):
         self._clients = [c for c in self._clients if c.is_alive()]
         client_id = next(self._client_ids)
         try:
-            client = ClientSessionActor.start(ours, client_id, self._registry)
+            client = ClientSessionActor.start(
+                ours, client_id, self._registry, self._client_reader
+            )
         except BaseException:
             ours.close()  # the client sees end of stream
             raise

@@ -234,21 +234,34 @@ class Pool:
 
     def next_deadline(self) -> float | None:
         """When :meth:`tick` next has something to do, or ``None``."""
-        deadlines = [
-            w.deadline
-            for app in self._apps.values()
-            for w in app.waiters
-            if w.deadline is not None
-        ]
-        if self.max_idle_time > 0:
-            for app in self._apps.values():
-                if app.live > self.min_instances:
-                    deadlines.extend(
-                        i.last_used + self.max_idle_time
-                        for i in app.instances.values()
-                        if i.is_idle
-                    )
-        return min(deadlines, default=None)
+        # Runs after every message the registry handles: one pass, no lists.
+        earliest: float | None = None
+        for app in self._apps.values():
+            for w in app.waiters:
+                if w.deadline is not None and (
+                    earliest is None or w.deadline < earliest
+                ):
+                    earliest = w.deadline
+            if self.max_idle_time <= 0:
+                continue
+            # Inlined is_idle / live: this loop is the registry's hottest.
+            live = 0
+            oldest_idle: float | None = None
+            for i in app.instances.values():
+                if i.retiring:
+                    continue
+                live += 1
+                if (
+                    i.sessions == 0
+                    and i.state is _State.READY
+                    and (oldest_idle is None or i.last_used < oldest_idle)
+                ):
+                    oldest_idle = i.last_used
+            if oldest_idle is not None and live > self.min_instances:
+                due = oldest_idle + self.max_idle_time
+                if earliest is None or due < earliest:
+                    earliest = due
+        return earliest
 
     def statistics(self, now: float, *, clients: int = 0) -> PoolStatistics:
         """A frozen snapshot of the pool at ``now``."""
@@ -614,6 +627,14 @@ class Pool:
 
     def _trim(self, decisions: list[Decision]) -> None:
         """Stop idle processes over a limit that was lowered, oldest first."""
+        # The common case, no limit exceeded, must stay cheap: this runs on
+        # every get and close.
+        over_pool = self.count > self.max_pool_size
+        if not over_pool and not (
+            self.max_per_app
+            and any(len(a.instances) > self.max_per_app for a in self._apps.values())
+        ):
+            return
         for instance in self._idle_by_age(self._instances.values()):
             app = self._apps[instance.app_root]
             over_app = 0 < self.max_per_app < len(app.instances)
@@ -630,7 +651,7 @@ class Pool:
                 decisions.append(self._grant(app.waiters.popleft(), instance, now))
 
     def _wants_spawn(self, app: _App) -> bool:
-        if len(app.waiters) <= app.pending_spawns:
+        if not app.waiters or len(app.waiters) <= app.pending_spawns:
             return False
         return not self.max_per_app or len(app.instances) < self.max_per_app
 

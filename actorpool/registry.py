@@ -50,6 +50,7 @@ from actorpool.messages import (
 )
 from actorpool.pool import Decision, Fail, Grant, Pool, Spawn, Stop
 from actorpool.restart import RestartWatcher
+from actorpool.session import ClientProxy
 
 __all__ = ["RegistryActor"]
 
@@ -76,7 +77,7 @@ class RegistryActor(pykka.ThreadingActor):
         self._clock = clock
         self._watcher = restart_watcher or RestartWatcher(config.restart_check_interval)
         self._on_fatal = on_fatal
-        self._clients: dict[int, pykka.ActorRef[Any]] = {}
+        self._clients: dict[int, ClientProxy] = {}
         self._alarm = _Alarm(self._tick, clock)
         self._handlers: dict[type, Callable[[Any], None]] = {
             ClientAttached: self._on_client_attached,
@@ -137,9 +138,9 @@ class RegistryActor(pykka.ThreadingActor):
     # --- messages from client session actors --------------------------------
 
     def _on_client_attached(self, message: ClientAttached) -> None:
-        ref = pykka.ActorRegistry.get_by_urn(message.actor_urn)
-        if ref is not None:
-            self._clients[message.client_id] = ref
+        client = ClientProxy.from_urn(message.actor_urn)
+        if client is not None:
+            self._clients[message.client_id] = client
 
     def _on_client_detached(self, message: ClientDetached) -> None:
         if self._clients.pop(message.client_id, None) is not None:
@@ -318,10 +319,10 @@ class RegistryActor(pykka.ThreadingActor):
     def _reply(self, client_id: int, reply: Reply) -> None:
         client = self._clients.get(client_id)
         if client is not None:
-            # A client actor that stopped has its ClientDetached on the way;
-            # until it arrives, replies to it are dropped, not fatal.
-            with contextlib.suppress(pykka.ActorDeadError):
-                client.tell(reply)
+            # Written at once, without a hop through the client's actor; a
+            # client that stopped has its ClientDetached on the way, and
+            # replies to it are dropped until then.
+            client.reply(reply)
 
     def _config_error(self, client_id: int, request_id: int, text: str) -> None:
         self._reply(client_id, ErrorReply(request_id, "ConfigError", text))

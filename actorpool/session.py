@@ -1,22 +1,27 @@
 """ClientSessionActor: the server's side of one client connection.
 
-The actor owns one client's socket and its sans-IO
-:class:`~actorpool.protocol.Connection`, and works in two halves:
+Three pieces, in the manner of mopidy's logic / actor / proxy split:
 
-* its **reader thread** does the only blocking thing, ``recv``, feeds the
-  bytes to the connection, and tells each decoded request straight to the
-  registry (a ``ClientRequest``). Going through the actor's inbox first
-  would add a thread hand-off to every request: on the get/close round trip
-  that hop costs more than everything else the server does.
-* the **actor** writes to the socket: the welcome, every reply the registry
-  tells it, and the error frame before a close. Writes stay on one thread,
-  so frames never interleave.
+* :class:`ClientSessionActor` owns the connection's life: it answers the
+  hello, closes the connection on end of stream or a protocol error, and
+  then tells the registry the client is gone (the registry releases every
+  session and waiter it had).
+* its **input half** runs on the server's :class:`~actorpool.reader.SocketReader`
+  thread: each chunk read goes through the sans-IO
+  :class:`~actorpool.protocol.Connection`, and each decoded request is told
+  straight to the registry as a ``ClientRequest``.
+* its **output half**, :class:`Outbox`, writes frames in order from any
+  thread without ever blocking. The registry replies through a
+  :class:`ClientProxy`, which puts the reply on the socket at once when the
+  socket has room; only when it has not (a client that does not read) is
+  the rest queued for the actor, which waits for room, bounded by
+  ``SEND_TIMEOUT``.
 
-The two halves share the connection's state under a lock. When the client
-closes, or sends anything the protocol does not allow, the reader tells the
-actor, which closes this one connection and tells the registry; the registry
-releases every session and waiter the client had. Nothing else in the
-server is affected.
+Why not route every byte through the actor's inbox, as the design first
+said? Each hand-off between threads is a wake-up and a trip through the
+GIL; on the get/close round trip the two extra hops cost more than
+everything else the server does (see ``docs/benchmarks.md``). The actor
+keeps what needs one owner; the hot path takes no extra thread.
 """
 
 from __future__ import annotations
@@ -25,9 +30,12 @@ import contextlib
 import dataclasses
 import logging
 import os
+import select
 import socket
-import struct
 import threading
+import time
+from collections import deque
+from collections.abc import Callable
 from typing import Any
 
 import pykka
@@ -44,10 +52,12 @@ from actorpool.messages import (
     Request,
     SessionFailed,
     Welcome,
+    WireMessage,
 )
 from actorpool.protocol import NEED_DATA, PEER_CLOSED, Connection, Role, State
+from actorpool.reader import SocketReader
 
-__all__ = ["ClientSessionActor"]
+__all__ = ["ClientProxy", "ClientSessionActor", "Flush", "HangUp", "Outbox"]
 
 logger = logging.getLogger(__name__)
 
@@ -55,42 +65,207 @@ MAX_REQUEST_FRAME = 64 * 1024
 """Largest frame a client may send; every request is far smaller."""
 
 SEND_TIMEOUT = 10.0
-"""Seconds a reply may wait for a client that does not read before it is dropped."""
-
-_RECV_SIZE = 64 * 1024
+"""Seconds queued replies may wait for a client that does not read before it
+is dropped."""
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class HangUp:
-    """Reader thread to its actor: the connection is over."""
+    """To the actor: the connection is over."""
 
     error: str = ""
     """Why, when the client broke the protocol; empty when it just closed."""
 
 
-class ClientSessionActor(pykka.ThreadingActor):
-    """Speaks the protocol with one client on behalf of the registry."""
+@dataclasses.dataclass(frozen=True, slots=True)
+class Flush:
+    """Outbox to its actor: frames are queued; write them once there is room."""
+
+
+class Outbox:
+    """Writes frames to one client, in order, from any thread, never blocking.
+
+    Encoding (which updates the connection's state) and writing happen under
+    one lock, so frames leave in the order they were sent. A frame that does
+    not fit in the socket's buffer is queued, and ``on_backlog`` is called
+    once so that the owner can :meth:`flush` it.
+    """
 
     def __init__(
-        self, sock: socket.socket, client_id: int, registry: pykka.ActorRef[Any]
+        self,
+        sock: socket.socket,
+        conn: Connection,
+        lock: threading.Lock,
+        on_backlog: Callable[[], None],
+    ) -> None:
+        self._sock = sock
+        self._conn = conn
+        self._lock = lock
+        self._on_backlog = on_backlog
+        self._backlog: deque[bytes] = deque()
+        self._flushing = False
+        self._closed = False
+
+    def __repr__(self) -> str:
+        return f"<Outbox backlog={len(self._backlog)} closed={self._closed}>"
+
+    def send(self, message: WireMessage) -> None:
+        """Encode ``message`` and write it, or queue it. Raises LocalProtocolError."""
+        with self._lock:
+            if self._closed:
+                return
+            self._write_locked(self._conn.send(message))
+
+    def send_protocol_error(self, text: str) -> None:
+        """Write the connection-level error frame, if the protocol allows it now."""
+        with self._lock:
+            if self._closed:
+                return
+            try:
+                frame = self._conn.send_protocol_error(text)
+            except LocalProtocolError:
+                return
+            self._write_locked(frame)
+
+    def flush(self, timeout: float = SEND_TIMEOUT) -> bool:
+        """Write the queued frames, waiting for room; False if the client is stuck.
+
+        Waiting happens outside the lock, so other threads' sends only queue
+        behind it and never block.
+        """
+        deadline = time.monotonic() + timeout
+        while True:
+            with self._lock:
+                if self._closed:
+                    return True
+                if not self._drain_locked():
+                    return False
+                if not self._backlog:
+                    self._flushing = False
+                    return True
+                fd = self._sock.fileno()
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return False
+            poller = select.poll()
+            poller.register(fd, select.POLLOUT)
+            poller.poll(remaining * 1000)
+
+    def close(self) -> None:
+        """Close the socket; later sends are dropped."""
+        with self._lock:
+            self._closed = True
+            self._backlog.clear()
+            self._sock.close()
+
+    def _write_locked(self, frame: bytes) -> None:
+        if not self._flushing:
+            try:
+                sent = self._sock.send(frame, socket.MSG_DONTWAIT)
+            except BlockingIOError:
+                sent = 0
+            except OSError:
+                return  # the connection is broken; the reader sees its end
+            if sent == len(frame):
+                return
+            frame = frame[sent:]
+            self._flushing = True
+            self._backlog.append(frame)
+            self._on_backlog()
+        else:
+            self._backlog.append(frame)
+
+    def _drain_locked(self) -> bool:
+        while self._backlog:
+            try:
+                sent = self._sock.send(self._backlog[0], socket.MSG_DONTWAIT)
+            except BlockingIOError:
+                return True
+            except OSError:
+                return False
+            if sent == len(self._backlog[0]):
+                self._backlog.popleft()
+            else:
+                self._backlog[0] = self._backlog[0][sent:]
+        return True
+
+
+# Outboxes of the running session actors, by actor URN, so that a
+# ClientProxy made from a ClientAttached message (plain data: the URN) can
+# write replies without a hop through the actor.
+_outboxes: dict[str, Outbox] = {}
+_outboxes_lock = threading.Lock()
+
+
+class ClientProxy:
+    """How the registry answers one client: a reply goes out at once.
+
+    Made from the URN in ``ClientAttached``. For a client that is not a
+    :class:`ClientSessionActor` (a test's stand-in), replies are told to the
+    actor as ordinary messages.
+    """
+
+    def __init__(self, ref: pykka.ActorRef[Any], outbox: Outbox | None) -> None:
+        self.ref = ref
+        self._outbox = outbox
+
+    def __repr__(self) -> str:
+        return f"<ClientProxy {self.ref.actor_urn} direct={self._outbox is not None}>"
+
+    @classmethod
+    def from_urn(cls, urn: str) -> ClientProxy | None:
+        """The proxy of the actor with ``urn``, or None if it is gone."""
+        ref = pykka.ActorRegistry.get_by_urn(urn)
+        if ref is None:
+            return None
+        with _outboxes_lock:
+            outbox = _outboxes.get(urn)
+        return cls(ref, outbox)
+
+    def reply(self, reply: Reply) -> None:
+        """Send ``reply`` to the client; never blocks, never raises."""
+        try:
+            if self._outbox is None:
+                self.ref.tell(reply)
+                return
+            try:
+                self._outbox.send(reply)
+            except LocalProtocolError as exc:
+                # A bug on our side (a reply over the frame limit, say):
+                # this client cannot be answered correctly, the others can.
+                logger.error("cannot send %r: %s", reply, exc)
+                self.ref.tell(HangUp())
+        except pykka.ActorDeadError:
+            pass  # it is closing; the registry hears ClientDetached next
+
+
+class ClientSessionActor(pykka.ThreadingActor):
+    """Speaks the protocol with one client on behalf of the registry.
+
+    ``reader`` is the server's shared :class:`SocketReader`; without one the
+    actor runs a reader of its own (handy in tests).
+    """
+
+    def __init__(
+        self,
+        sock: socket.socket,
+        client_id: int,
+        registry: pykka.ActorRef[Any],
+        reader: SocketReader | None = None,
     ) -> None:
         super().__init__()
         self._sock = sock
         self._client_id = client_id
         self._registry = registry
+        self._own_reader = reader is None
+        self._reader = reader or SocketReader(f"actorpool-client-{client_id}")
         self._conn = Connection(Role.SERVER, max_frame_size=MAX_REQUEST_FRAME)
-        self._conn_lock = threading.Lock()  # the reader receives, the actor sends
-        self._closing = False  # stop() was asked for: ignore what still arrives
-        self._closed = False
-        self._reader = threading.Thread(
-            target=self._read, name=f"actorpool-client-{client_id}", daemon=True
-        )
-        # A client that stops reading must not hold this actor for ever.
-        seconds = int(SEND_TIMEOUT)
-        micros = int((SEND_TIMEOUT - seconds) * 1e6)
-        sock.setsockopt(
-            socket.SOL_SOCKET, socket.SO_SNDTIMEO, struct.pack("ll", seconds, micros)
-        )
+        self._conn_lock = threading.Lock()  # input and output halves share it
+        self._outbox = Outbox(sock, self._conn, self._conn_lock, self._ask_flush)
+        self._closing = False  # answered already, or the peer closed
+        self._finished = False
+        with _outboxes_lock:
+            _outboxes[self.actor_urn] = self._outbox
 
     def __repr__(self) -> str:
         return f"<ClientSessionActor client={self._client_id} {self._conn!r}>"
@@ -99,19 +274,22 @@ class ClientSessionActor(pykka.ThreadingActor):
         try:
             self._registry.tell(ClientAttached(self._client_id, self.actor_urn))
         except pykka.ActorDeadError:
-            # The server is going down. pykka would call neither on_stop nor
-            # on_failure after a failed on_start, so close the socket here.
+            # The server is going down. pykka calls neither on_stop nor
+            # on_failure after a failed on_start, so clean up here.
             logger.warning("no registry for client %d; closing it", self._client_id)
-            self._closing = True
-            self.stop()
+            self._hang_up()
             return
-        self._reader.start()
+        self._reader.add(self._sock, self._on_data)
 
     def on_receive(self, message: Any) -> None:
-        if isinstance(message, Reply):
-            self._send(message)
-        elif isinstance(message, Hello):
+        if isinstance(message, Hello):
             self._welcome(message)
+        elif isinstance(message, Reply):
+            self._send(message)
+        elif isinstance(message, Flush):
+            if not self._outbox.flush():
+                logger.warning("dropping client %d: it does not read", self._client_id)
+                self._hang_up()
         elif isinstance(message, HangUp):
             if message.error:
                 self._fail(message.error)
@@ -121,15 +299,15 @@ class ClientSessionActor(pykka.ThreadingActor):
             logger.warning("ClientSessionActor ignores unexpected message %r", message)
 
     def on_stop(self) -> None:
-        self._close()
+        self._finish()
 
     def on_failure(self, *_exc_info: object) -> None:
-        self._close()
+        self._finish()
 
-    # --- from the client ------------------------------------------------------
+    # --- input half: runs on the reader thread ---------------------------------
 
-    def _on_data(self, data: bytes) -> HangUp | None:
-        """Decode ``data`` and pass each message on (reader thread)."""
+    def _on_data(self, data: bytes) -> bool:
+        """Decode ``data`` and pass each message on; False when the end came."""
         hang_up = None
         events = []
         with self._conn_lock:
@@ -142,15 +320,23 @@ class ClientSessionActor(pykka.ThreadingActor):
                     events.append(event)
             except RemoteProtocolError as exc:
                 hang_up = HangUp(str(exc))
-        for event in events:
-            if isinstance(event, Hello):
-                self.actor_ref.tell(event)  # the answer is a write: the actor's job
-            elif isinstance(event, Request | CloseSession | SessionFailed):
-                try:
-                    self._registry.tell(ClientRequest(self._client_id, event))
-                except pykka.ActorDeadError:
-                    return HangUp()  # the server is going down
-        return hang_up
+        try:
+            for event in events:
+                if isinstance(event, Hello):
+                    self.actor_ref.tell(event)  # answering is the actor's job
+                elif isinstance(event, Request | CloseSession | SessionFailed):
+                    try:
+                        self._registry.tell(ClientRequest(self._client_id, event))
+                    except pykka.ActorDeadError:
+                        hang_up = HangUp()  # the server is going down
+                        break
+            if hang_up is not None:
+                self.actor_ref.tell(hang_up)
+        except pykka.ActorDeadError:
+            return False  # the actor is stopping and will close the socket
+        return hang_up is None
+
+    # --- the actor's own work ------------------------------------------------
 
     def _welcome(self, hello: Hello) -> None:
         if hello.version != PROTOCOL_VERSION:
@@ -162,70 +348,43 @@ class ClientSessionActor(pykka.ThreadingActor):
         logger.debug("client %d (pid %d) connected", self._client_id, hello.client_pid)
         self._send(Welcome(PROTOCOL_VERSION, os.getpid(), self._client_id))
 
-    def _fail(self, text: str) -> None:
-        if self._closing:
-            return
-        logger.warning("closing client %d: %s", self._client_id, text)
-        with self._conn_lock:
-            try:
-                frame = self._conn.send_protocol_error(text)
-            except LocalProtocolError:
-                frame = b""
-        with contextlib.suppress(OSError):
-            self._sock.sendall(frame)
-        self._hang_up()
-
-    # --- to the client --------------------------------------------------------
-
     def _send(self, message: Welcome | Reply) -> None:
         if self._closing or (
             self._conn.state is not State.OPEN and not isinstance(message, Welcome)
         ):
             return  # closing: replies still in the inbox have nowhere to go
         try:
-            with self._conn_lock:
-                frame = self._conn.send(message)
+            self._outbox.send(message)
         except LocalProtocolError:
-            # A bug on our side (say, a reply over the frame limit): this
-            # client cannot be answered correctly any more, the others can.
             logger.exception("cannot send %r to client %d", message, self._client_id)
             self._hang_up()
+
+    def _fail(self, text: str) -> None:
+        if self._closing:
             return
-        try:
-            self._sock.sendall(frame)
-        except OSError as exc:
-            logger.warning("dropping client %d: %s", self._client_id, exc)
-            self._hang_up()
+        logger.warning("closing client %d: %s", self._client_id, text)
+        self._outbox.send_protocol_error(text)
+        self._hang_up()
 
     def _hang_up(self) -> None:
         self._closing = True
         self.stop()
 
-    # --- the reader thread and clean-up ----------------------------------------
+    def _ask_flush(self) -> None:
+        with contextlib.suppress(pykka.ActorDeadError):
+            self.actor_ref.tell(Flush())
 
-    def _read(self) -> None:
-        while True:
-            try:
-                data = self._sock.recv(_RECV_SIZE)
-            except OSError:
-                data = b""
-            hang_up = self._on_data(data)
-            if hang_up is not None:
-                with contextlib.suppress(pykka.ActorDeadError):
-                    self.actor_ref.tell(hang_up)
-                return
-
-    def _close(self) -> None:
-        if self._closed:
+    def _finish(self) -> None:
+        if self._finished:
             return
-        self._closed = True
-        # shutdown() wakes the reader's recv; only then is closing safe,
-        # so that the descriptor cannot be reused under the reader's feet.
-        with contextlib.suppress(OSError):
-            self._sock.shutdown(socket.SHUT_RDWR)
-        if self._reader.is_alive() and self._reader is not threading.current_thread():
-            self._reader.join()
-        self._sock.close()
+        self._finished = True
+        with _outboxes_lock:
+            _outboxes.pop(self.actor_urn, None)
+        # Closing runs on the reader thread, so it can never race with a recv
+        # on the same descriptor; remove() returns once it has happened.
+        self._reader.remove(self._sock, self._outbox.close)
+        if self._own_reader:
+            self._reader.close()
         # Only after the descriptor is closed: whoever sees the client gone
         # from the registry sees its descriptor gone too. A registry that is
         # already gone has nothing left to release.

@@ -127,6 +127,7 @@ class SpawnerActor(pykka.ThreadingActor):
         self._lock = threading.Lock()
         self._stopping = False
         self._unclaimed: dict[int, Instance] = {}
+        self._spawn_threads: dict[int, threading.Thread] = {}
         self._watchers: dict[int, threading.Thread] = {}
         self._handlers: dict[type, Any] = {
             RegistryAttached: self._on_registry_attached,
@@ -160,6 +161,11 @@ class SpawnerActor(pykka.ThreadingActor):
         for watcher in self._watchers.values():
             watcher.join(max(0.0, deadline - time.monotonic()))
         self._spawner.close()
+        # Spawns still under way finish (or give up, now that the spawner is
+        # closed) and stop what they started, before the server removes the
+        # socket directory under them.
+        for thread in self._spawn_threads.values():
+            thread.join(max(0.0, deadline - time.monotonic()))
 
     def on_failure(self, *_exc_info: object) -> None:
         self.on_stop()
@@ -174,12 +180,14 @@ class SpawnerActor(pykka.ThreadingActor):
             message.instance_id, message.app_root, self._socket_dir, self._spawn_timeout
         )
         self._spawning[message.instance_id] = False
-        threading.Thread(
+        thread = threading.Thread(
             target=self._run_spawn,
             args=(request,),
             name=f"actorpool-spawn-{message.instance_id}",
             daemon=True,
-        ).start()
+        )
+        self._spawn_threads[message.instance_id] = thread
+        thread.start()
 
     def _on_stop_instance(self, message: StopInstance) -> None:
         if message.instance_id in self._spawning:
@@ -191,6 +199,7 @@ class SpawnerActor(pykka.ThreadingActor):
             _stop_quietly(instance)
 
     def _on_spawn_done(self, message: _SpawnDone) -> None:
+        self._spawn_threads.pop(message.instance_id, None)
         with self._lock:
             self._unclaimed.pop(message.instance_id, None)
         cancelled = self._spawning.pop(message.instance_id, True)
