@@ -29,6 +29,7 @@ from actorpool.messages import (
     CloseSession,
     ErrorReply,
     Get,
+    GetStatistics,
     Hello,
     SessionFailed,
     SessionGranted,
@@ -36,7 +37,7 @@ from actorpool.messages import (
     WireMessage,
 )
 from actorpool.protocol import NEED_DATA, PEER_CLOSED, Connection, Role
-from actorpool.session import MAX_REQUEST_FRAME, ClientSessionActor, HangUp
+from actorpool.session import MAX_REQUEST_FRAME, ClientSessionActor, HangUp, Outbox
 
 T = TypeVar("T")
 WAIT = 5.0
@@ -379,3 +380,65 @@ def test_a_reply_to_no_request_in_flight_closes_only_this_connection(
     assert take(rig.reports, ClientDetached).client_id == CLIENT_ID
     assert rig.done.wait(WAIT)  # stopped by on_stop, not by a failure
     assert rig.peer.receive() is PEER_CLOSED
+
+
+# --- the Outbox: replies from any thread, never blocking -------------------------
+
+
+def _open_outbox() -> tuple[Outbox, socket.socket, socket.socket, list[int]]:
+    ours, theirs = socket.socketpair()
+    ours.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+    conn = Connection(Role.SERVER)
+    conn.receive_data(frame(msgpack.packb([1, PROTOCOL_VERSION, 1])))
+    conn.next_event()
+    backlogs: list[int] = []
+    outbox = Outbox(ours, conn, threading.Lock(), lambda: backlogs.append(1))
+    outbox.send(Welcome(PROTOCOL_VERSION, 1, 1))
+    return outbox, ours, theirs, backlogs
+
+
+def _fill(outbox: Outbox, conn_requests: int) -> None:
+    for request_id in range(1, conn_requests + 1):
+        outbox._conn.receive_data(frame(msgpack.packb([11, request_id])))
+        outbox._conn.next_event()
+        outbox.send(ErrorReply(request_id, "SpawnError", "x", "y" * 2000))
+
+
+def test_outbox_queues_what_does_not_fit_and_flush_delivers_it_in_order() -> None:
+    outbox, _, theirs, backlogs = _open_outbox()
+    _fill(outbox, 200)  # far more than the socket buffer holds
+    assert backlogs == [1]  # the owner is asked to flush once, not per frame
+    received = bytearray()
+    drained = threading.Event()
+
+    def drain() -> None:
+        while chunk := theirs.recv(65536):
+            received.extend(chunk)
+        drained.set()
+
+    reader = threading.Thread(target=drain)
+    reader.start()
+    assert outbox.flush(timeout=WAIT)
+    outbox.close()
+    assert drained.wait(WAIT)
+    reader.join()
+    peer = Connection(Role.CLIENT)
+    peer.send(Hello(PROTOCOL_VERSION, 1))
+    peer.receive_data(bytes(received))
+    peer.receive_data(b"")
+    assert isinstance(peer.next_event(), Welcome)
+    for request_id in range(1, 201):
+        peer.send(GetStatistics(request_id))
+    events = []
+    while (event := peer.next_event()) is not PEER_CLOSED:
+        events.append(event)
+    assert [e.request_id for e in events] == list(range(1, 201))  # type: ignore[attr-defined]
+    theirs.close()
+
+
+def test_outbox_flush_gives_up_on_a_client_that_does_not_read() -> None:
+    outbox, _, theirs, _ = _open_outbox()
+    _fill(outbox, 200)
+    assert not outbox.flush(timeout=0.2)
+    outbox.close()
+    theirs.close()
