@@ -41,6 +41,10 @@ logger = logging.getLogger(__name__)
 STOP_GRACE = 5.0
 """Seconds shutdown waits for stopped instances to exit."""
 
+SPAWN_TIMEOUT_GRACE = 1.0
+"""Seconds past ``spawn_timeout`` after which the actor gives up on a spawn
+that its spawner did not time out itself."""
+
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class SpawnRequest:
@@ -107,6 +111,11 @@ class _Exited:
     instance_id: int
 
 
+@dataclasses.dataclass(frozen=True, slots=True)
+class _Overdue:
+    instance_id: int
+
+
 class SpawnerActor(pykka.ThreadingActor):
     """Runs a :class:`Spawner` for the registry, one thread per spawn."""
 
@@ -128,6 +137,7 @@ class SpawnerActor(pykka.ThreadingActor):
         self._stopping = False
         self._unclaimed: dict[int, Instance] = {}
         self._spawn_threads: dict[int, threading.Thread] = {}
+        self._overdue: dict[int, threading.Timer] = {}
         self._watchers: dict[int, threading.Thread] = {}
         self._handlers: dict[type, Any] = {
             RegistryAttached: self._on_registry_attached,
@@ -135,6 +145,7 @@ class SpawnerActor(pykka.ThreadingActor):
             StopInstance: self._on_stop_instance,
             _SpawnDone: self._on_spawn_done,
             _Exited: self._on_exited,
+            _Overdue: self._on_overdue,
         }
 
     def __repr__(self) -> str:
@@ -151,6 +162,8 @@ class SpawnerActor(pykka.ThreadingActor):
         handler(message)
 
     def on_stop(self) -> None:
+        for overdue in self._overdue.values():
+            overdue.cancel()
         with self._lock:
             self._stopping = True
             unclaimed = list(self._unclaimed.values())
@@ -188,6 +201,17 @@ class SpawnerActor(pykka.ThreadingActor):
         )
         self._spawn_threads[message.instance_id] = thread
         thread.start()
+        # A backstop for spawners that do not honour request.timeout: the
+        # waiters get their SpawnError on time, and whatever the spawn still
+        # brings up is stopped (the spawn counts as cancelled).
+        overdue = threading.Timer(
+            self._spawn_timeout + SPAWN_TIMEOUT_GRACE,
+            self._tell_self,
+            args=(_Overdue(message.instance_id),),
+        )
+        overdue.daemon = True
+        self._overdue[message.instance_id] = overdue
+        overdue.start()
 
     def _on_stop_instance(self, message: StopInstance) -> None:
         if message.instance_id in self._spawning:
@@ -198,17 +222,37 @@ class SpawnerActor(pykka.ThreadingActor):
             )
             _stop_quietly(instance)
 
+    def _on_overdue(self, message: _Overdue) -> None:
+        if self._overdue.pop(message.instance_id, None) is None:
+            return  # it finished meanwhile
+        if self._spawning.pop(message.instance_id, None) is None:
+            return
+        logger.error(
+            "instance %d did not start in %.0f s",
+            message.instance_id,
+            self._spawn_timeout,
+        )
+        self._tell_registry(
+            SpawnFailed(
+                message.instance_id,
+                f"the app did not start within spawn_timeout ({self._spawn_timeout} s)",
+            )
+        )
+
     def _on_spawn_done(self, message: _SpawnDone) -> None:
         self._spawn_threads.pop(message.instance_id, None)
+        if (overdue := self._overdue.pop(message.instance_id, None)) is not None:
+            overdue.cancel()
         with self._lock:
             self._unclaimed.pop(message.instance_id, None)
         cancelled = self._spawning.pop(message.instance_id, True)
         instance = message.instance
         if instance is None:
-            error = message.error or SpawnError("spawn failed")
-            self._tell_registry(
-                SpawnFailed(message.instance_id, error.args[0], error.output)
-            )
+            if not cancelled:  # else the registry has forgotten it already
+                error = message.error or SpawnError("spawn failed")
+                self._tell_registry(
+                    SpawnFailed(message.instance_id, error.args[0], error.output)
+                )
             return
         self._running[message.instance_id] = instance
         watcher = threading.Thread(
@@ -266,6 +310,10 @@ class SpawnerActor(pykka.ThreadingActor):
         finally:
             with contextlib.suppress(pykka.ActorDeadError):
                 self.actor_ref.tell(_Exited(instance_id))
+
+    def _tell_self(self, message: object) -> None:
+        with contextlib.suppress(pykka.ActorDeadError):
+            self.actor_ref.tell(message)
 
     def _tell_registry(self, message: object) -> None:
         if self._registry is not None:

@@ -209,6 +209,33 @@ class _Broken(Spawner):
         raise RuntimeError(f"bug while starting {request.app_root}")
 
 
+class _Hung(Spawner):
+    """Ignores request.timeout: its spawns end only when released."""
+
+    def __init__(self) -> None:
+        self.release = threading.Event()
+
+    def spawn(self, request: SpawnRequest) -> Instance:
+        self.release.wait(WAIT)
+        raise SpawnError("released too late")
+
+
+def test_a_spawn_its_spawner_does_not_time_out_fails_after_spawn_timeout(
+    socket_dir: str,
+) -> None:
+    hung = _Hung()
+    reports: queue.Queue[Any] = queue.Queue()
+    registry = Recorder.start(reports)
+    actor = SpawnerActor.start(hung, socket_dir, 0.1)
+    actor.tell(RegistryAttached(registry.actor_urn))
+    actor.tell(SpawnInstance(1, A))
+    failed = take(reports, SpawnFailed)
+    assert failed.instance_id == 1
+    assert "spawn_timeout" in failed.message
+    assert actor.is_alive()
+    hung.release.set()
+
+
 def test_a_spawner_that_raises_a_non_spawn_error_reports_spawn_failed(
     socket_dir: str,
 ) -> None:
