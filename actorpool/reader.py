@@ -1,16 +1,24 @@
-"""SocketReader: one thread that reads every client socket of the server.
+"""SocketReader: reading every client socket without a thread hand-off.
 
-Client connections are read by a single ``epoll`` loop instead of a thread
-each. Under load one wake-up then reads many clients' requests and hands
-them to the registry in a row; with a thread per client, every request
-cost a thread switch (and a fight for the GIL) of its own.
+A request's trip through the server used to be: a reader thread wakes on
+the socket, decodes, and tells the registry, whose thread wakes in turn.
+Measured on the reference machine, that second wake-up (and the trip
+through the GIL that comes with it) cost more than everything else the
+server does for a get. So the sockets are read by the thread that needs the
+requests: a :class:`SocketReader` is the **registry actor's inbox**. pykka
+calls :meth:`get` for the next message; while none is queued, the inbox
+waits in ``epoll`` on the client sockets and on a wake-up socket that
+:meth:`put` (a ``tell`` from another thread) writes to. Each chunk read is
+passed to its socket's callback, which decodes it and tells the registry,
+that is, appends to this very inbox, with no system call and no wake-up.
 
-The loop only calls back: ``on_data(bytes)`` for each chunk read (``b""``
-at end of stream). The callback decides; returning ``False`` stops reading
-that socket. Registering and removing sockets also run on the loop's
-thread, so a socket is never closed while the loop may still ``recv`` on
-its descriptor (which a reused descriptor number would turn into reading
-someone else's connection).
+Outside the registry (an actor-level test, say), :meth:`start` runs the
+same loop on a thread of its own.
+
+Registering and removing sockets run on the loop's thread too, so a socket
+is never closed while the loop may still ``recv`` on its descriptor (which a
+reused descriptor number would turn into reading someone else's
+connection).
 """
 
 from __future__ import annotations
@@ -22,38 +30,77 @@ import socket
 import threading
 from collections import deque
 from collections.abc import Callable
+from typing import Any
 
 __all__ = ["OnData", "SocketReader"]
 
 logger = logging.getLogger(__name__)
 
 OnData = Callable[[bytes], bool]
-"""Called on the reader thread with each chunk read; False stops reading."""
+"""Called on the loop's thread with each chunk read (``b""``: end of stream);
+returning False stops reading that socket."""
 
 _RECV_SIZE = 64 * 1024
 
+REMOVE_TIMEOUT = 10.0
+"""Seconds :meth:`SocketReader.remove` waits for the loop before giving up."""
+
 
 class SocketReader:
-    """Reads registered sockets on one thread and calls their callbacks."""
+    """An inbox (``put``/``get``/``empty``) that also reads sockets while idle."""
 
-    def __init__(self, name: str = "actorpool-reader") -> None:
+    def __init__(self) -> None:
         self._selector = selectors.DefaultSelector()
         self._wake_r, self._wake_w = socket.socketpair()
         self._wake_r.setblocking(False)
         self._wake_w.setblocking(False)
         self._selector.register(self._wake_r, selectors.EVENT_READ, None)
+        self._items: deque[Any] = deque()
         self._commands: deque[Callable[[], None]] = deque()
         self._lock = threading.Lock()
+        self._woken = False  # a wake-up byte is on its way: no need for another
         self._closed = False
-        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
-        self._thread.start()
+        self._loop_thread: threading.Thread | None = None
+        self._own_thread: threading.Thread | None = None
 
     def __repr__(self) -> str:
-        state = "closed" if self._closed else "running"
-        return f"<SocketReader {state} sockets={len(self._selector.get_map()) - 1}>"
+        state = "closed" if self._closed else "open"
+        return (
+            f"<SocketReader {state} queued={len(self._items)} "
+            f"sockets={len(self._selector.get_map()) - 1}>"
+        )
+
+    # --- the inbox protocol pykka uses --------------------------------------
+
+    def put(self, item: Any) -> None:
+        """Queue ``item``; wakes the loop unless called from it."""
+        with self._lock:
+            self._items.append(item)
+            wake = (
+                not self._woken and threading.current_thread() is not self._loop_thread
+            )
+            if wake:
+                self._woken = True
+        if wake:
+            self._wake()
+
+    def get(self) -> Any:
+        """The next queued item; reads sockets and runs commands until one comes."""
+        self._loop_thread = threading.current_thread()
+        while True:
+            with self._lock:
+                if self._items:
+                    return self._items.popleft()
+            self._poll()
+
+    def empty(self) -> bool:
+        """Whether no item is queued."""
+        return not self._items
+
+    # --- sockets --------------------------------------------------------------
 
     def add(self, sock: socket.socket, on_data: OnData) -> None:
-        """Start reading ``sock``; ``on_data`` gets each chunk (on this thread)."""
+        """Start reading ``sock``; ``on_data`` gets each chunk, on the loop's thread."""
 
         def command() -> None:
             self._selector.register(sock, selectors.EVENT_READ, on_data)
@@ -61,7 +108,7 @@ class SocketReader:
         self._call(command)
 
     def remove(self, sock: socket.socket, then: Callable[[], None]) -> None:
-        """Stop reading ``sock``, run ``then`` on the reader thread, and wait for it.
+        """Stop reading ``sock``, run ``then`` on the loop's thread, wait for it.
 
         ``then`` is where the socket may be closed safely.
         """
@@ -77,55 +124,87 @@ class SocketReader:
                 done.set()
 
         self._call(command)
-        if threading.current_thread() is not self._thread:
-            done.wait()
+        if threading.current_thread() is not self._loop_thread and not done.wait(
+            REMOVE_TIMEOUT
+        ):
+            logger.error("the socket reader did not answer; closing %r anyway", sock)
+
+    # --- running on a thread of its own, and closing -----------------------------
+
+    def start(self, name: str = "actorpool-reader") -> SocketReader:
+        """Run the loop on a new thread (when this is nobody's inbox)."""
+        self._own_thread = threading.Thread(target=self._serve, name=name, daemon=True)
+        self._loop_thread = self._own_thread
+        self._own_thread.start()
+        return self
 
     def close(self) -> None:
-        """Stop the thread (after running what was asked of it). Idempotent."""
+        """Stop reading; commands still pending run now. Idempotent.
+
+        From then on :meth:`remove` runs its command at once, on the caller's
+        thread: nothing reads any more, so nothing can race with it.
+        """
         with self._lock:
             if self._closed:
                 return
             self._closed = True
-        self._wake()
-        if threading.current_thread() is not self._thread:
-            self._thread.join()
+        own = self._own_thread
+        if own is not None and own is not threading.current_thread():
+            self._wake()
+            own.join()
+        else:
+            self._drain_commands()
+            self._release()
 
-    # --- the loop -----------------------------------------------------------
+    def _serve(self) -> None:
+        try:
+            while not self._closed:
+                self._poll()
+        finally:
+            self._drain_commands()
+            self._release()
+
+    def _release(self) -> None:
+        self._selector.close()
+        self._wake_r.close()
+        self._wake_w.close()
+
+    # --- the loop ----------------------------------------------------------------
 
     def _call(self, command: Callable[[], None]) -> None:
         with self._lock:
-            if not self._closed:
+            queued = not self._closed
+            if queued:
                 self._commands.append(command)
-                queued = True
-            else:
-                queued = False
-        if queued:
-            self._wake()
-        else:
+                wake = (
+                    not self._woken
+                    and threading.current_thread() is not self._loop_thread
+                )
+                if wake:
+                    self._woken = True
+        if not queued:
             command()  # the loop is gone: nothing can race with us any more
+        elif wake:
+            self._wake()
+        elif threading.current_thread() is self._loop_thread:
+            self._drain_commands()
 
     def _wake(self) -> None:
         with contextlib.suppress(BlockingIOError, OSError):
             self._wake_w.send(b"\0")
 
-    def _run(self) -> None:
-        try:
-            while self._loop_once():
-                pass
-        finally:
-            self._drain_commands()
-            self._selector.close()
-            self._wake_r.close()
-            self._wake_w.close()
-
-    def _loop_once(self) -> bool:
+    def _poll(self) -> None:
         for key, _ in self._selector.select():
             if key.data is None:
-                with contextlib.suppress(BlockingIOError):
+                # Drain first, then clear the flag: a put that comes in
+                # between finds the flag still set and sends no byte, but its
+                # item or command is already queued and is seen below (or by
+                # get()). The other order can lose a wake-up for good.
+                with contextlib.suppress(BlockingIOError, OSError):
                     self._wake_r.recv(4096)
+                with self._lock:
+                    self._woken = False
                 self._drain_commands()
-                if self._closed:
-                    return False
                 continue
             sock: socket.socket = key.fileobj  # type: ignore[assignment]
             try:
@@ -142,7 +221,6 @@ class SocketReader:
             if not keep or not data:
                 with contextlib.suppress(KeyError, ValueError):
                     self._selector.unregister(sock)
-        return True
 
     def _drain_commands(self) -> None:
         while True:

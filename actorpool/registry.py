@@ -49,6 +49,7 @@ from actorpool.messages import (
     Tick,
 )
 from actorpool.pool import Decision, Fail, Grant, Pool, Spawn, Stop
+from actorpool.reader import SocketReader
 from actorpool.restart import RestartWatcher
 from actorpool.session import ClientProxy
 
@@ -121,8 +122,22 @@ class RegistryActor(pykka.ThreadingActor):
         handler(message)
         self._alarm.set(self._pool.next_deadline())
 
+    @staticmethod
+    def _create_actor_inbox() -> Any:
+        # The inbox reads the client sockets while no message is queued, so
+        # a request goes from the socket to the registry on this one thread
+        # (see actorpool.reader for why).
+        return SocketReader()
+
+    @property
+    def client_reader(self) -> SocketReader:
+        """The inbox, which the acceptor registers client sockets with."""
+        inbox: SocketReader = self.actor_inbox  # type: ignore[assignment]
+        return inbox
+
     def on_stop(self) -> None:
         self._alarm.close()
+        self.client_reader.close()
 
     def on_failure(self, *_exc_info: object) -> None:
         self._fatal()
@@ -132,6 +147,7 @@ class RegistryActor(pykka.ThreadingActor):
         # so that clients see ServerGoneError instead of waiting for ever.
         logger.critical("the registry failed; shutting the pool server down")
         self._alarm.close()
+        self.client_reader.close()
         if self._on_fatal is not None:
             self._on_fatal()
 

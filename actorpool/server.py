@@ -32,6 +32,8 @@ import time
 from types import TracebackType
 from typing import IO, Any
 
+import pykka
+
 from actorpool.acceptor import ACCEPTED, CONNECT, SHUTDOWN, AcceptorActor
 from actorpool.client import ApplicationPool
 from actorpool.config import PoolConfig
@@ -291,7 +293,19 @@ def _run_server(boot: _Bootstrap, status: Any) -> None:
     shutil.rmtree(socket_dir, ignore_errors=True)
 
 
+STOP_TIMEOUT = 30.0
+"""Seconds each actor may take to stop before the server gives up and exits."""
+
+
 def _stop_all(refs: list[Any]) -> None:
     for ref in reversed(refs):
-        with contextlib.suppress(Exception):
-            ref.stop()
+        try:
+            ref.stop(timeout=STOP_TIMEOUT)
+        except pykka.Timeout:
+            # A stuck actor must not keep the server (and the creator's
+            # close()) waiting for ever: exit, and let the operating system
+            # close every descriptor. Instances watch the server's end.
+            logger.critical("%r did not stop in %.0f s; exiting", ref, STOP_TIMEOUT)
+            os._exit(1)
+        except Exception:
+            logger.exception("stopping %r failed", ref)

@@ -258,7 +258,7 @@ class ClientSessionActor(pykka.ThreadingActor):
         self._client_id = client_id
         self._registry = registry
         self._own_reader = reader is None
-        self._reader = reader or SocketReader(f"actorpool-client-{client_id}")
+        self._reader = reader or SocketReader().start(f"actorpool-client-{client_id}")
         self._conn = Connection(Role.SERVER, max_frame_size=MAX_REQUEST_FRAME)
         self._conn_lock = threading.Lock()  # input and output halves share it
         self._outbox = Outbox(sock, self._conn, self._conn_lock, self._ask_flush)

@@ -17,7 +17,7 @@ WAIT = 5.0
 
 @pytest.fixture
 def reader() -> Iterator[SocketReader]:
-    r = SocketReader("test-reader")
+    r = SocketReader().start("test-reader")
     yield r
     r.close()
 
@@ -113,7 +113,7 @@ def test_a_failing_callback_drops_only_its_socket(reader: SocketReader) -> None:
 
 def test_close_releases_its_descriptors_and_runs_later_commands_inline() -> None:
     before = len(os.listdir("/proc/self/fd"))
-    reader = SocketReader()
+    reader = SocketReader().start()
     ours, theirs = socket.socketpair()
     reader.add(ours, collect(queue.Queue()))
     reader.close()
@@ -122,3 +122,59 @@ def test_close_releases_its_descriptors_and_runs_later_commands_inline() -> None
     assert ours.fileno() == -1
     theirs.close()
     assert len(os.listdir("/proc/self/fd")) == before
+
+
+# --- as an actor's inbox --------------------------------------------------------
+
+
+def test_as_an_inbox_get_reads_sockets_until_an_item_is_queued() -> None:
+    inbox = SocketReader()
+    ours, theirs = socket.socketpair()
+
+    def on_data(data: bytes) -> bool:
+        inbox.put(("decoded", data))  # from the loop's own thread: no wake-up
+        return bool(data)
+
+    inbox.add(ours, on_data)
+    theirs.sendall(b"request")
+    assert inbox.get() == ("decoded", b"request")  # the socket was read by get()
+    assert inbox.empty()
+
+    told = threading.Thread(target=inbox.put, args=("told",))
+    told.start()
+    assert inbox.get() == "told"  # a put from another thread wakes the loop
+    told.join()
+
+    inbox.remove(ours, ours.close)  # on the loop's thread: runs at once
+    assert ours.fileno() == -1
+    inbox.close()
+    theirs.close()
+
+
+def test_a_pykka_actor_runs_on_a_socket_reader_inbox() -> None:
+    import pykka
+
+    got: queue.Queue[object] = queue.Queue()
+
+    class Echo(pykka.ThreadingActor):
+        @staticmethod
+        def _create_actor_inbox() -> object:
+            return SocketReader()
+
+        def on_receive(self, message: object) -> object:
+            got.put(message)
+            return message
+
+        def on_stop(self) -> None:
+            self.actor_inbox.close()  # type: ignore[attr-defined]
+
+    ref = Echo.start()
+    assert ref.ask("ping", timeout=WAIT) == "ping"
+    ours, theirs = socket.socketpair()
+    ref.actor_inbox.add(ours, lambda data: ref.tell(data) is None and bool(data))  # type: ignore[attr-defined]
+    theirs.sendall(b"from a socket")
+    assert got.get(timeout=WAIT) == "ping"
+    assert got.get(timeout=WAIT) == b"from a socket"
+    ref.actor_inbox.remove(ours, ours.close)  # type: ignore[attr-defined]
+    ref.stop()
+    theirs.close()
