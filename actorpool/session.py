@@ -6,10 +6,11 @@ Three pieces, in the manner of mopidy's logic / actor / proxy split:
   hello, closes the connection on end of stream or a protocol error, and
   then tells the registry the client is gone (the registry releases every
   session and waiter it had).
-* its **input half** runs on the server's :class:`~actorpool.reader.SocketReader`
-  thread: each chunk read goes through the sans-IO
-  :class:`~actorpool.protocol.Connection`, and each decoded request is told
-  straight to the registry as a ``ClientRequest``.
+* its **input half** runs wherever the socket is read: in the server, on the
+  registry's own thread, whose inbox is a :class:`~actorpool.reader.SocketReader`.
+  Each chunk goes through the sans-IO :class:`~actorpool.protocol.Connection`,
+  and each decoded request is told to the registry as a ``ClientRequest``
+  (which, on that thread, only appends it to the inbox).
 * its **output half**, :class:`Outbox`, writes frames in order from any
   thread without ever blocking. The registry replies through a
   :class:`ClientProxy`, which puts the reply on the socket at once when the
@@ -19,9 +20,9 @@ Three pieces, in the manner of mopidy's logic / actor / proxy split:
 
 Why not route every byte through the actor's inbox, as the design first
 said? Each hand-off between threads is a wake-up and a trip through the
-GIL; on the get/close round trip the two extra hops cost more than
-everything else the server does (see ``docs/benchmarks.md``). The actor
-keeps what needs one owner; the hot path takes no extra thread.
+GIL; on the get/close round trip those hops cost more than everything else
+the server does (see ``docs/benchmarks.md``). The actor keeps what needs one
+owner; the hot path crosses no thread.
 """
 
 from __future__ import annotations
