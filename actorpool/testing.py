@@ -25,20 +25,22 @@ import contextlib
 import dataclasses
 import itertools
 import os
+import queue
 import shutil
 import socket
 import tempfile
 import threading
 from collections.abc import Callable, Iterable, Mapping
 from types import TracebackType
-from typing import Any, Final
+from typing import Any, Final, TypeVar
 
 import msgpack
+import pykka
 
 from actorpool.errors import SpawnError
 from actorpool.spawner import Instance, Spawner, SpawnRequest
 
-__all__ = ["FakeCall", "FakeClock", "FakeSpawner"]
+__all__ = ["Barrier", "FakeCall", "FakeClock", "FakeSpawner", "Recorder", "take"]
 
 FAKE_PID_BASE: Final = 10_000_000
 """Fake pids start above this, out of reach of real ones (Linux caps at 2**22)."""
@@ -56,6 +58,36 @@ class FakeCall:
     """The pool's number for the instance."""
     pid: int
     """Its fake pid (0 for ``spawn`` and ``failed``)."""
+
+
+class Barrier:
+    """Ask it of an actor: the answer means every earlier message was handled."""
+
+
+class Recorder(pykka.ThreadingActor):
+    """A stand-in actor that puts every message it is told into a queue.
+
+    Give its URN where an actor expects a collaborator (``ClientAttached``,
+    ``RegistryAttached``), then :func:`take` what it was told.
+    """
+
+    def __init__(self, inbox: queue.Queue[Any]) -> None:
+        super().__init__()
+        self.inbox = inbox
+
+    def on_receive(self, message: Any) -> None:
+        if not isinstance(message, Barrier):
+            self.inbox.put(message)
+
+
+_M = TypeVar("_M")
+
+
+def take(inbox: queue.Queue[Any], kind: type[_M], timeout: float = 5.0) -> _M:
+    """The next message in ``inbox``, which must be a ``kind``."""
+    message = inbox.get(timeout=timeout)
+    assert isinstance(message, kind), message
+    return message
 
 
 class FakeClock:

@@ -14,7 +14,7 @@ import queue
 import socket
 import threading
 from collections.abc import Iterator
-from typing import Any, TypeVar
+from typing import Any
 
 import pykka
 import pytest
@@ -32,27 +32,9 @@ from actorpool.messages import (
     Welcome,
 )
 from actorpool.protocol import NEED_DATA, PEER_CLOSED, Connection, Role
+from actorpool.testing import Recorder, take
 
-T = TypeVar("T")
 WAIT = 5.0
-
-
-class Recorder(pykka.ThreadingActor):
-    """A stand-in registry that puts every message it is told into a queue."""
-
-    def __init__(self, inbox: queue.Queue[Any]) -> None:
-        super().__init__()
-        self.inbox = inbox
-
-    def on_receive(self, message: Any) -> None:
-        self.inbox.put(message)
-
-
-def take(inbox: queue.Queue[Any], kind: type[T]) -> T:
-    """The next message in ``inbox``, which must be a ``kind``."""
-    message = inbox.get(timeout=WAIT)
-    assert isinstance(message, kind), message
-    return message
 
 
 class Peer:

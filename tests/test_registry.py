@@ -17,7 +17,7 @@ import socket
 import threading
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import pykka
 import pytest
@@ -52,33 +52,9 @@ from actorpool.messages import (
 from actorpool.registry import RegistryActor
 from actorpool.spawner import SpawnerActor
 from actorpool.statistics import PoolStatistics
-from actorpool.testing import FakeClock, FakeSpawner
+from actorpool.testing import Barrier, FakeClock, FakeSpawner, Recorder, take
 
-T = TypeVar("T")
 WAIT = 5.0
-
-
-class _Barrier:
-    """Asked of an actor: its answer means every earlier message was handled."""
-
-
-class Recorder(pykka.ThreadingActor):
-    """A stand-in actor that puts every message it is told into a queue."""
-
-    def __init__(self, inbox: queue.Queue[Any]) -> None:
-        super().__init__()
-        self.inbox = inbox
-
-    def on_receive(self, message: Any) -> None:
-        if not isinstance(message, _Barrier):
-            self.inbox.put(message)
-
-
-def take(inbox: queue.Queue[Any], kind: type[T]) -> T:
-    """The next message in ``inbox``, which must be a ``kind``."""
-    message = inbox.get(timeout=WAIT)
-    assert isinstance(message, kind), message
-    return message
 
 
 class ExplodingClock(FakeClock):
@@ -115,11 +91,11 @@ class Rig:
 
     def settle(self) -> None:
         """Return once everything told so far has been handled everywhere."""
-        self.registry.ask(_Barrier(), timeout=WAIT)
-        self.spawner.ask(_Barrier(), timeout=WAIT)
+        self.registry.ask(Barrier(), timeout=WAIT)
+        self.spawner.ask(Barrier(), timeout=WAIT)
         for ref, _ in self.clients.values():
             if ref.is_alive():
-                ref.ask(_Barrier(), timeout=WAIT)
+                ref.ask(Barrier(), timeout=WAIT)
 
     def quiet(self, *inboxes: queue.Queue[Any]) -> None:
         """Assert that nothing more arrived in the spawner's or ``inboxes``."""

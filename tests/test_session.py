@@ -15,7 +15,7 @@ import socket
 import struct
 import threading
 from collections.abc import Iterator
-from typing import Any, TypeVar
+from typing import Any
 
 import msgpack
 import pykka
@@ -38,33 +38,10 @@ from actorpool.messages import (
 )
 from actorpool.protocol import NEED_DATA, PEER_CLOSED, Connection, Role
 from actorpool.session import MAX_REQUEST_FRAME, ClientSessionActor, HangUp, Outbox
+from actorpool.testing import Barrier, Recorder, take
 
-T = TypeVar("T")
 WAIT = 5.0
 CLIENT_ID = 7
-
-
-class _Barrier:
-    """Asked of an actor: its answer means every earlier message was handled."""
-
-
-class Recorder(pykka.ThreadingActor):
-    """A stand-in registry that puts every message it is told into a queue."""
-
-    def __init__(self, inbox: queue.Queue[Any]) -> None:
-        super().__init__()
-        self.inbox = inbox
-
-    def on_receive(self, message: Any) -> None:
-        if not isinstance(message, _Barrier):
-            self.inbox.put(message)
-
-
-def take(inbox: queue.Queue[Any], kind: type[T]) -> T:
-    """The next message in ``inbox``, which must be a ``kind``."""
-    message = inbox.get(timeout=WAIT)
-    assert isinstance(message, kind), message
-    return message
 
 
 class Peer:
@@ -111,8 +88,8 @@ class Rig:
     def quiet(self) -> None:
         """Assert that the registry was told nothing more."""
         if self.actor.is_alive():
-            self.actor.ask(_Barrier(), timeout=WAIT)
-        self.registry.ask(_Barrier(), timeout=WAIT)
+            self.actor.ask(Barrier(), timeout=WAIT)
+        self.registry.ask(Barrier(), timeout=WAIT)
         assert self.reports.empty(), self.reports.get_nowait()
 
 
@@ -139,7 +116,7 @@ class _Pausable(ClientSessionActor):
     def on_receive(self, message: Any) -> None:
         if isinstance(message, threading.Event):
             message.wait(WAIT)
-        elif not isinstance(message, _Barrier):
+        elif not isinstance(message, Barrier):
             super().on_receive(message)
 
 

@@ -18,7 +18,7 @@ import socket
 import tempfile
 import threading
 from collections.abc import Iterator
-from typing import Any, TypeVar
+from typing import Any
 
 import pykka
 import pytest
@@ -33,34 +33,17 @@ from actorpool.messages import (
     StopInstance,
 )
 from actorpool.spawner import Instance, Spawner, SpawnerActor, SpawnRequest
-from actorpool.testing import FAKE_PID_BASE, FakeCall, FakeSpawner
+from actorpool.testing import (
+    FAKE_PID_BASE,
+    Barrier,
+    FakeCall,
+    FakeSpawner,
+    Recorder,
+    take,
+)
 
-T = TypeVar("T")
 WAIT = 5.0
 A, B = "/srv/a", "/srv/b"
-
-
-class _Barrier:
-    """Asked of an actor: its answer means every earlier message was handled."""
-
-
-class Recorder(pykka.ThreadingActor):
-    """A stand-in registry that puts every message it is told into a queue."""
-
-    def __init__(self, inbox: queue.Queue[Any]) -> None:
-        super().__init__()
-        self.inbox = inbox
-
-    def on_receive(self, message: Any) -> None:
-        if not isinstance(message, _Barrier):
-            self.inbox.put(message)
-
-
-def take(inbox: queue.Queue[Any], kind: type[T]) -> T:
-    """The next message in ``inbox``, which must be a ``kind``."""
-    message = inbox.get(timeout=WAIT)
-    assert isinstance(message, kind), message
-    return message
 
 
 @pytest.fixture
@@ -87,8 +70,8 @@ class Rig:
 
     def quiet(self) -> None:
         """Assert that no report is on its way."""
-        self.actor.ask(_Barrier(), timeout=WAIT)
-        self.registry.ask(_Barrier(), timeout=WAIT)
+        self.actor.ask(Barrier(), timeout=WAIT)
+        self.registry.ask(Barrier(), timeout=WAIT)
         assert self.reports.empty(), self.reports.get_nowait()
 
 
