@@ -67,8 +67,17 @@ class AcceptorActor(pykka.ThreadingActor):
         self._on_close = on_close
         self._client_ids = itertools.count(1)
         self._clients: list[pykka.ActorRef[Any]] = []
-        self._client_reader: SocketReader | None = None
-        self._own_reader = False
+        # Client connections are read by the registry's own inbox, so that a
+        # request reaches it without a thread hand-off (see actorpool.reader).
+        # A stand-in registry (in a test) gets a reader thread instead. Done
+        # here, in the starting thread, so that a failure shows at start().
+        inbox = registry.actor_inbox
+        self._own_reader = not isinstance(inbox, SocketReader)
+        self._client_reader = (
+            inbox
+            if isinstance(inbox, SocketReader)
+            else SocketReader().start("actorpool-clients")
+        )
         self._reader = threading.Thread(
             target=self._read, name="actorpool-acceptor", daemon=True
         )
@@ -77,15 +86,6 @@ class AcceptorActor(pykka.ThreadingActor):
         return f"<AcceptorActor clients={len(self._clients)}>"
 
     def on_start(self) -> None:
-        # Client connections are read by the registry's own inbox, so that a
-        # request reaches it without a thread hand-off (see actorpool.reader).
-        # A stand-in registry (in a test) gets a reader thread instead.
-        inbox = self._registry.actor_inbox
-        if isinstance(inbox, SocketReader):
-            self._client_reader = inbox
-        else:
-            self._client_reader = SocketReader().start("actorpool-clients")
-            self._own_reader = True
         self._reader.start()
 
     def on_receive(self, message: Any) -> None:
@@ -108,7 +108,7 @@ class AcceptorActor(pykka.ThreadingActor):
         self._channel.close()
         for client in self._clients:
             client.stop()
-        if self._client_reader is not None and self._own_reader:
+        if self._own_reader:
             self._client_reader.close()
 
     def on_failure(self, *_exc_info: object) -> None:
