@@ -131,6 +131,9 @@ class AcceptorActor(pykka.ThreadingActor):
             logger.warning("could not pass a connection back: %s", exc)
             ours.close()
             return
+        except BaseException:
+            ours.close()
+            raise
         finally:
             theirs.close()
         self._clients = [c for c in self._clients if c.is_alive()]
@@ -139,9 +142,12 @@ class AcceptorActor(pykka.ThreadingActor):
             client = ClientSessionActor.start(
                 ours, client_id, self._registry, self._client_reader
             )
-        except BaseException:
-            ours.close()  # the client sees end of stream
-            raise
+        except Exception:
+            # Out of threads, say: this client sees end of stream; the
+            # acceptor and every other client carry on.
+            logger.exception("cannot start the actor of client %d", client_id)
+            ours.close()
+            return
         self._clients.append(client)
 
     def _read(self) -> None:

@@ -127,7 +127,7 @@ class SocketReader:
         if threading.current_thread() is not self._loop_thread and not done.wait(
             REMOVE_TIMEOUT
         ):
-            logger.error("the socket reader did not answer; closing %r anyway", sock)
+            logger.error("the socket reader did not answer; %r is left open", sock)
 
     # --- running on a thread of its own, and closing -----------------------------
 

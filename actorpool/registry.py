@@ -1,11 +1,14 @@
 """RegistryActor: the one owner of the pool's state.
 
 It wraps the pure :class:`~actorpool.pool.Pool`: each message becomes a call
-with the current time, and each decision that comes back becomes a message
-to a client's session actor or to the spawner. It never blocks on another
-actor: replies are ``tell``\\ s to the client actor named in
-:class:`~actorpool.messages.ClientAttached`, and a get that cannot be served
-now simply stays in the pool's queue until a later event answers it.
+with the current time, and each decision that comes back becomes a reply to
+a client or a message to the spawner. It never blocks on another actor:
+replies go out through the client's :class:`~actorpool.session.ClientProxy`
+(a non-blocking write), and a get that cannot be served now simply stays in
+the pool's queue until a later event answers it.
+
+Its inbox is a :class:`~actorpool.reader.SocketReader`, which reads the
+client sockets while no message is queued; see that module for why.
 """
 
 from __future__ import annotations
@@ -58,6 +61,9 @@ __all__ = ["RegistryActor"]
 logger = logging.getLogger(__name__)
 
 Clock = Callable[[], float]
+
+MAX_ALARM_WAIT = 3600.0
+"""Longest single wait of the alarm thread; longer deadlines are re-checked."""
 
 
 class RegistryActor(pykka.ThreadingActor):
@@ -184,13 +190,13 @@ class RegistryActor(pykka.ThreadingActor):
 
     def _on_get(self, client_id: int, get: Get) -> None:
         now = self._clock()
-        if not os.path.isabs(get.app_root):
+        if not os.path.isabs(get.app_root) or "\0" in get.app_root:
             self._reply(
                 client_id,
                 ErrorReply(
                     get.request_id,
                     "SpawnError",
-                    f"not an absolute path: {get.app_root!r}",
+                    f"not an absolute path: {get.app_root!r:.200}",
                 ),
             )
             return
@@ -395,7 +401,9 @@ class _Alarm:
                     continue
                 remaining = self._deadline - self._clock()
                 if remaining > 0:
-                    self._cond.wait(remaining)
+                    # Capped: a client may ask for a timeout of 1e300 seconds,
+                    # which Condition.wait would refuse (OverflowError).
+                    self._cond.wait(min(remaining, MAX_ALARM_WAIT))
                     continue
                 self._deadline = None
                 self._fire()

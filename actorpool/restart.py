@@ -16,6 +16,9 @@ __all__ = ["RestartWatcher"]
 
 _Stamp = tuple[int, int, int] | None
 
+MAX_APPS = 10_000
+"""Most app roots remembered; the least recently looked at is forgotten first."""
+
 
 class RestartWatcher:
     """Remembers each app's ``restart.txt`` and says when it changed."""
@@ -46,8 +49,13 @@ class RestartWatcher:
         # touch made then does not restart the app again once it is removed.
         stamp = self._stamp(os.path.join(app_root, "tmp", "restart.txt"))
         known = app_root in self._stamps
-        previous = self._stamps.get(app_root)
-        self._stamps[app_root] = stamp
+        previous = self._stamps.pop(app_root, None)
+        self._stamps[app_root] = stamp  # re-inserted: the dict is in look order
+        if len(self._stamps) > MAX_APPS:
+            # Any client may name any path: keep memory bounded by forgetting
+            # the app looked at least recently (its next look learns again).
+            oldest = next(iter(self._stamps))
+            self.forget(oldest)
         if always:
             return True
         # The first look only learns the stamp; a vanished file is no request.
@@ -61,13 +69,13 @@ class RestartWatcher:
     def _stamp(self, path: str) -> _Stamp:
         try:
             st = self._stat(path)
-        except OSError:
+        except (OSError, ValueError):  # ValueError: a NUL in the path
             return None
         return (st.st_mtime_ns, st.st_ino, st.st_ctime_ns)
 
     def _exists(self, path: str) -> bool:
         try:
             self._stat(path)
-        except OSError:
+        except (OSError, ValueError):  # ValueError: a NUL in the path
             return False
         return True

@@ -111,9 +111,15 @@ class Outbox:
         return f"<Outbox backlog={len(self._backlog)} closed={self._closed}>"
 
     def send(self, message: WireMessage) -> None:
-        """Encode ``message`` and write it, or queue it. Raises LocalProtocolError."""
+        """Encode ``message`` and write it, or queue it. Raises LocalProtocolError.
+
+        Replies to a connection that is no longer open (the client broke the
+        protocol, or is closing) are dropped: nobody is there to read them.
+        """
         with self._lock:
-            if self._closed:
+            if self._closed or (
+                self._conn.state is not State.OPEN and not isinstance(message, Welcome)
+            ):
                 return
             self._write_locked(self._conn.send(message))
 
@@ -265,18 +271,19 @@ class ClientSessionActor(pykka.ThreadingActor):
         self._outbox = Outbox(sock, self._conn, self._conn_lock, self._ask_flush)
         self._closing = False  # answered already, or the peer closed
         self._finished = False
-        with _outboxes_lock:
-            _outboxes[self.actor_urn] = self._outbox
 
     def __repr__(self) -> str:
         return f"<ClientSessionActor client={self._client_id} {self._conn!r}>"
 
     def on_start(self) -> None:
+        # Before ClientAttached, so the registry's ClientProxy finds it; not
+        # in __init__, so an actor whose thread never starts leaves nothing.
+        with _outboxes_lock:
+            _outboxes[self.actor_urn] = self._outbox
         try:
             self._registry.tell(ClientAttached(self._client_id, self.actor_urn))
         except pykka.ActorDeadError:
-            # The server is going down. pykka calls neither on_stop nor
-            # on_failure after a failed on_start, so clean up here.
+            # The server is going down: stop (on_stop cleans up).
             logger.warning("no registry for client %d; closing it", self._client_id)
             self._hang_up()
             return
@@ -312,8 +319,8 @@ class ClientSessionActor(pykka.ThreadingActor):
         hang_up = None
         events = []
         with self._conn_lock:
-            self._conn.receive_data(data)
             try:
+                self._conn.receive_data(data)
                 while (event := self._conn.next_event()) is not NEED_DATA:
                     if event is PEER_CLOSED:
                         hang_up = HangUp()
@@ -321,6 +328,9 @@ class ClientSessionActor(pykka.ThreadingActor):
                     events.append(event)
             except RemoteProtocolError as exc:
                 hang_up = HangUp(str(exc))
+            except Exception as exc:  # a bug: it costs this connection only
+                logger.exception("decoding client %d's input failed", self._client_id)
+                hang_up = HangUp(f"internal error: {exc!r}")
         try:
             for event in events:
                 if isinstance(event, Hello):

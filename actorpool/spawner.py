@@ -317,7 +317,9 @@ class SpawnerActor(pykka.ThreadingActor):
 
     def _tell_registry(self, message: object) -> None:
         if self._registry is not None:
-            self._registry.tell(message)
+            # At shutdown the registry stops before the spawner.
+            with contextlib.suppress(pykka.ActorDeadError):
+                self._registry.tell(message)
 
 
 def _stop_quietly(instance: Instance) -> None:

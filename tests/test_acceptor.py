@@ -162,7 +162,7 @@ def test_a_connect_it_cannot_serve_is_refused_not_left_hanging(
     assert rig.acceptor.is_alive()
 
 
-def test_a_failure_in_the_acceptor_calls_on_close_and_cleans_up(
+def test_a_client_actor_that_cannot_start_costs_that_client_only(
     rig: Rig, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     healthy = rig.connect()
@@ -171,16 +171,34 @@ def test_a_failure_in_the_acceptor_calls_on_close_and_cleans_up(
     class Unstartable:
         @staticmethod
         def start(*_args: object) -> None:
-            raise RuntimeError("cannot start a client actor")
+            raise RuntimeError("can't start new thread")
 
-    monkeypatch.setattr(acceptor_module, "ClientSessionActor", Unstartable)
+    with monkeypatch.context() as patch:
+        patch.setattr(acceptor_module, "ClientSessionActor", Unstartable)
+        rig.channel.send(CONNECT)
+        data, fd = recv_fd(rig.channel, 64)
+        assert data == ACCEPTED
+        assert fd is not None
+        with socket.socket(fileno=fd) as orphan:
+            orphan.settimeout(WAIT)
+            assert orphan.recv(1) == b""  # its server end was closed, not leaked
+
+    assert rig.acceptor.is_alive()
+    assert not rig.closed.is_set()
+    assert rig.connect().handshake().client_id == 3  # and it carries on
+
+
+def test_a_failure_in_the_acceptor_calls_on_close_and_cleans_up(
+    rig: Rig, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    healthy = rig.connect()
+    healthy.handshake()
+
+    def broken(*_args: object) -> None:
+        raise RuntimeError("a bug in the acceptor")
+
+    monkeypatch.setattr(acceptor_module, "send_fd", broken)
     rig.channel.send(CONNECT)
-    data, fd = recv_fd(rig.channel, 64)
-    assert data == ACCEPTED
-    assert fd is not None
-    with socket.socket(fileno=fd) as orphan:
-        orphan.settimeout(WAIT)
-        assert orphan.recv(1) == b""  # its server end was closed, not leaked
 
     assert rig.closed.wait(WAIT)  # the server is told to stop
     assert healthy.receive() is PEER_CLOSED  # the clients were stopped

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from actorpool import restart
 from actorpool.restart import RestartWatcher
 
 
@@ -201,3 +202,17 @@ def test_repr_names_the_apps_and_interval(app: str) -> None:
     watcher = RestartWatcher(check_interval=2.5)
     watcher.should_restart(app, now=0.0)
     assert repr(watcher) == "<RestartWatcher apps=1 interval=2.5>"
+
+
+def test_memory_is_bounded_by_forgetting_the_least_recently_seen_app(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(restart, "MAX_APPS", 3)
+    watcher = RestartWatcher(check_interval=0)
+    a, b, c, d = (str(tmp_path / name) for name in "abcd")
+    for root in (a, b, c):
+        watcher.should_restart(root, 0.0)
+    watcher.should_restart(a, 1.0)  # a is looked at again: b is now the oldest
+    watcher.should_restart(d, 1.0)
+    assert set(watcher._stamps) == {c, a, d}
+    assert set(watcher._checked_at) == {c, a, d}

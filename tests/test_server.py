@@ -582,3 +582,33 @@ def test_garbage_closes_that_connection_only(
     bad.close()
     with good.get(app) as session:
         assert greeting(session) == (app, session.pid)
+
+
+def test_a_nul_in_an_app_root_fails_that_get_only(
+    start_server: StartServer, spawner: FakeSpawner, make_app: Callable[[str], str]
+) -> None:
+    app = make_app("a")
+    pool = start_server(spawner, restart_check_interval=0).connect()
+    with pytest.raises(SpawnError, match="not an absolute path"):
+        pool.get(app + "\0evil")
+    with pool.get(app) as session:  # the server carries on
+        assert greeting(session) == (app, session.pid)
+
+
+def test_an_absurd_timeout_does_not_stop_other_timeouts(
+    start_server: StartServer,
+    spawner: FakeSpawner,
+    make_app: Callable[[str], str],
+    threads: ThreadPoolExecutor,
+    wait_until: WaitUntil,
+) -> None:
+    app = make_app("a")
+    server = start_server(spawner, max_pool_size=1)
+    pool, other = server.connect(), server.connect()
+    held = pool.get(app)
+    patient = threads.submit(pool.get, app, timeout=1e300)
+    wait_until(lambda: waiting(pool) == 1, what="the patient get to queue")
+    with pytest.raises(GetTimeoutError):  # the alarm still serves this one
+        other.get(app, timeout=0.2)
+    held.close()
+    patient.result(10).close()
