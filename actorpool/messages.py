@@ -70,6 +70,10 @@ PROTOCOL_VERSION = 1
 class Category(enum.Enum):
     """What role a wire message plays; the protocol's table keys on it."""
 
+    # Members are singletons: hash by identity, in C. Enum's own __hash__ is
+    # Python code, and the transition table hashes four of these per message.
+    __hash__ = object.__hash__
+
     HELLO = "hello"
     """The client's first message."""
     WELCOME = "welcome"

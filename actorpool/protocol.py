@@ -58,12 +58,20 @@ _HEADER = struct.Struct(">I")
 class Role(enum.Enum):
     """Which end of the wire a connection is."""
 
+    # Members are singletons: hash by identity, in C. Enum's own __hash__ is
+    # Python code, and the transition table hashes four of these per message.
+    __hash__ = object.__hash__
+
     CLIENT = "client"
     SERVER = "server"
 
 
 class State(enum.Enum):
     """Where a connection is in its life."""
+
+    # Members are singletons: hash by identity, in C. Enum's own __hash__ is
+    # Python code, and the transition table hashes four of these per message.
+    __hash__ = object.__hash__
 
     START = "start"
     """Client: must send ``Hello``. Server: waits for ``Hello``."""
@@ -81,6 +89,10 @@ class State(enum.Enum):
 
 class Direction(enum.Enum):
     """Whether a message is being sent or was received."""
+
+    # Members are singletons: hash by identity, in C. Enum's own __hash__ is
+    # Python code, and the transition table hashes four of these per message.
+    __hash__ = object.__hash__
 
     SEND = "send"
     RECEIVE = "receive"

@@ -20,6 +20,7 @@ from pathlib import Path
 import pytest
 
 from actorpool import (
+    ActorPoolError,
     ApplicationPool,
     ApplicationPoolServer,
     GetTimeoutError,
@@ -612,3 +613,22 @@ def test_an_absurd_timeout_does_not_stop_other_timeouts(
         other.get(app, timeout=0.2)
     held.close()
     patient.result(10).close()
+
+
+def test_a_pool_used_across_fork_refuses_instead_of_sharing_the_socket(
+    start_server: StartServer, spawner: FakeSpawner, make_app: Callable[[str], str]
+) -> None:
+    app = make_app("a")
+    pool = start_server(spawner).connect()
+    pid = os.fork()
+    if pid == 0:  # the child must connect for itself, not borrow the parent's pool
+        status = 1
+        try:
+            pool.get(app)
+        except ActorPoolError as exc:
+            status = 0 if "fork" in str(exc) else 2
+        finally:
+            os._exit(status)
+    assert os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]) == 0
+    with pool.get(app) as session:  # the parent's connection is unharmed
+        assert greeting(session) == (app, session.pid)
