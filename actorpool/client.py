@@ -22,7 +22,7 @@ import threading
 import time
 from collections.abc import Callable
 from types import TracebackType
-from typing import Final
+from typing import Final, TypeVar
 
 from actorpool.errors import (
     ActorPoolError,
@@ -185,10 +185,12 @@ class ApplicationPool:
             remaining = (
                 None if deadline is None else max(0.0, deadline - time.monotonic())
             )
-            reply = self._call(
-                functools.partial(_make_get, app_root=root, timeout=remaining)
+            reply = _expect(
+                self._call(
+                    functools.partial(_make_get, app_root=root, timeout=remaining)
+                ),
+                SessionGranted,
             )
-            assert isinstance(reply, SessionGranted)
             sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
             try:
                 sock.connect(reply.address)
@@ -210,8 +212,7 @@ class ApplicationPool:
 
     def statistics(self) -> PoolStatistics:
         """A frozen snapshot of the whole pool."""
-        reply = self._call(GetStatistics)
-        assert isinstance(reply, StatisticsReply)
+        reply = _expect(self._call(GetStatistics), StatisticsReply)
         return PoolStatistics.from_dict(reply.statistics)
 
     @property
@@ -384,6 +385,18 @@ class ApplicationPool:
                 "an ApplicationPool cannot be used across fork(); "
                 "call server.connect() in the child"
             )
+
+
+_R = TypeVar("_R", bound=Reply)
+
+
+def _expect(reply: Reply, kind: type[_R]) -> _R:
+    """``reply`` if it is a ``kind``; any other answer breaks the protocol."""
+    if not isinstance(reply, kind):
+        raise RemoteProtocolError(
+            f"expected {kind.__name__}, the server answered {type(reply).__name__}"
+        )
+    return reply
 
 
 def _make_get(request_id: int, *, app_root: str, timeout: float | None) -> Get:

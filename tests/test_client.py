@@ -1,0 +1,237 @@
+"""ApplicationPool against a scripted server on a socket pair (no server process).
+
+The fake server speaks the real protocol (a server-role sans-IO Connection)
+and answers as each test scripts it, so the client's own logic is tested:
+replies matched to requests by id, many threads sharing one connection with
+no thread of the client's own, errors raised as their classes.
+"""
+
+from __future__ import annotations
+
+import queue
+import socket
+import threading
+from collections.abc import Callable, Iterator
+
+import pytest
+
+from actorpool import (
+    ApplicationPool,
+    ConfigError,
+    QueueFullError,
+    RemoteProtocolError,
+    ServerGoneError,
+)
+from actorpool.messages import (
+    PROTOCOL_VERSION,
+    CloseSession,
+    Done,
+    ErrorReply,
+    Get,
+    GetStatistics,
+    Hello,
+    Request,
+    SessionGranted,
+    Welcome,
+    WireMessage,
+)
+from actorpool.protocol import NEED_DATA, PEER_CLOSED, Connection, Role
+
+WAIT = 5.0
+
+
+class FakeServer:
+    """The server's end: decodes what the client sends, sends what it is told."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        sock.settimeout(WAIT)
+        self.sock = sock
+        self.conn = Connection(Role.SERVER)
+
+    def receive(self) -> WireMessage | object:
+        while (event := self.conn.next_event()) is NEED_DATA:
+            self.conn.receive_data(self.sock.recv(65536))
+        return event
+
+    def request(self) -> Request:
+        message = self.receive()
+        assert isinstance(message, Request), message
+        return message
+
+    def send(self, message: WireMessage) -> None:
+        self.sock.sendall(self.conn.send(message))
+
+    def welcome(self) -> None:
+        assert isinstance(self.receive(), Hello)
+        self.send(Welcome(PROTOCOL_VERSION, 4242, 9))
+
+
+Pair = tuple[Callable[[], ApplicationPool], FakeServer]
+
+
+@pytest.fixture
+def pair() -> Iterator[Pair]:
+    """A client factory and the fake server it will talk to (welcome sent)."""
+    ours, theirs = socket.socketpair()
+    server = FakeServer(theirs)
+    pools: list[ApplicationPool] = []
+
+    def connect() -> ApplicationPool:
+        greeter = threading.Thread(target=server.welcome)
+        greeter.start()
+        pool = ApplicationPool(ours)
+        greeter.join(WAIT)
+        pools.append(pool)
+        return pool
+
+    yield connect, server
+    for pool in pools:
+        pool.close()
+    theirs.close()
+
+
+@pytest.fixture
+def listener(tmp_path: object) -> Iterator[str]:
+    """A Unix socket that accepts sessions, standing in for an app process."""
+    path = f"{tmp_path}/app.sock"
+    sock = socket.socket(socket.AF_UNIX)
+    sock.bind(path)
+    sock.listen(16)
+    yield path
+    sock.close()
+
+
+def test_the_handshake_learns_the_server(pair: Pair) -> None:
+    connect, _ = pair
+    pool = connect()
+    assert (pool.server_pid, pool.client_id) == (4242, 9)
+
+
+def test_replies_out_of_order_reach_their_own_threads(
+    pair: Pair,
+    listener: str,
+) -> None:
+    connect, server = pair
+    pool = connect()
+    results: queue.Queue[tuple[str, object]] = queue.Queue()
+
+    def get(app: str) -> None:
+        session = pool.get(app)
+        results.put((app, session.id))
+        session.socket.close()
+
+    threads = [threading.Thread(target=get, args=(f"/srv/{n}",)) for n in range(4)]
+    for thread in threads:
+        thread.start()
+    gets = [server.receive() for _ in threads]
+    assert all(isinstance(g, Get) for g in gets)
+    for g in reversed(gets):  # answer the last first
+        assert isinstance(g, Get)
+        server.send(
+            SessionGranted(g.request_id, 100 + g.request_id, 1, g.app_root, listener)
+        )
+    for thread in threads:
+        thread.join(WAIT)
+    got = dict(results.get_nowait() for _ in threads)
+    by_app = {g.app_root: 100 + g.request_id for g in gets if isinstance(g, Get)}
+    assert got == by_app
+    assert not any(t.name.startswith("actorpool") for t in threading.enumerate())
+
+
+def test_an_error_reply_is_raised_as_its_class(pair: Pair) -> None:
+    connect, server = pair
+    pool = connect()
+    answered = threading.Thread(
+        target=lambda: server.send(
+            ErrorReply(server.request().request_id, "QueueFullError", "full")
+        )
+    )
+    answered.start()
+    with pytest.raises(QueueFullError, match="full"):
+        pool.get("/srv/a")
+    answered.join(WAIT)
+
+
+def test_a_reply_of_the_wrong_kind_is_a_protocol_error(pair: Pair) -> None:
+    connect, server = pair
+    pool = connect()
+    answered = threading.Thread(
+        target=lambda: server.send(Done(server.request().request_id))
+    )
+    answered.start()
+    with pytest.raises(RemoteProtocolError, match="SessionGranted"):
+        pool.get("/srv/a")
+    answered.join(WAIT)
+
+
+def test_closing_a_session_tells_the_server_once(
+    pair: Pair,
+    listener: str,
+) -> None:
+    connect, server = pair
+    pool = connect()
+    answered = threading.Thread(
+        target=lambda: server.send(
+            SessionGranted(server.request().request_id, 77, 1, "/srv/a", listener)
+        )
+    )
+    answered.start()
+    session = pool.get("/srv/a")
+    answered.join(WAIT)
+    session.close()
+    session.close()
+    assert server.receive() == CloseSession(77)
+    pool.close()
+    assert server.receive() is PEER_CLOSED  # nothing more was sent
+
+
+def test_the_server_going_away_fails_every_waiter(pair: Pair) -> None:
+    connect, server = pair
+    pool = connect()
+    errors: queue.Queue[BaseException] = queue.Queue()
+
+    def wait_for_statistics() -> None:
+        try:
+            pool.statistics()
+        except BaseException as exc:
+            errors.put(exc)
+
+    threads = [threading.Thread(target=wait_for_statistics) for _ in range(3)]
+    for thread in threads:
+        thread.start()
+    for _ in threads:
+        assert isinstance(server.receive(), GetStatistics)
+    server.sock.close()
+    for thread in threads:
+        thread.join(WAIT)
+    assert [type(errors.get_nowait()) for _ in threads] == [ServerGoneError] * 3
+    with pytest.raises(ServerGoneError):
+        pool.clear()
+
+
+def test_a_connection_level_error_is_raised(pair: Pair) -> None:
+    connect, server = pair
+    pool = connect()
+    answered = threading.Thread(
+        target=lambda: (
+            server.receive(),
+            server.sock.sendall(server.conn.send_protocol_error("you broke it")),
+        )
+    )
+    answered.start()
+    with pytest.raises(RemoteProtocolError, match="you broke it"):
+        pool.statistics()
+    answered.join(WAIT)
+
+
+def test_bad_arguments_fail_before_anything_is_sent(pair: Pair) -> None:
+    connect, server = pair
+    pool = connect()
+    with pytest.raises(ConfigError):
+        pool.get("/srv/a", timeout=-1)
+    with pytest.raises(ConfigError):
+        pool.set_max_pool_size(0)
+    with pytest.raises(ConfigError):
+        pool.set_max_idle_time(-1.0)
+    pool.close()
+    assert server.receive() is PEER_CLOSED
