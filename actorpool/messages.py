@@ -419,12 +419,13 @@ _CHECKS: dict[Any, Callable[[Any], Any]] = {
     dict[str, Any]: _check_dict,
 }
 
+# Per class, once: the field names and each field's check. encode() and
+# decode() run for every message, and dataclasses.fields() per call is slow.
+_FIELD_NAMES: dict[type[WireMessage], tuple[str, ...]] = {}
 for _cls in _BY_TAG.values():
     _hints = typing.get_type_hints(_cls)
-    _VALIDATORS[_cls] = tuple(
-        _CHECKS[_hints[field.name]]
-        for field in dataclasses.fields(_cls)  # type: ignore[arg-type]
-    )
+    _FIELD_NAMES[_cls] = tuple(f.name for f in dataclasses.fields(_cls))  # type: ignore[arg-type]
+    _VALIDATORS[_cls] = tuple(_CHECKS[_hints[name]] for name in _FIELD_NAMES[_cls])
 
 
 def encode(message: WireMessage) -> bytes:
@@ -438,7 +439,7 @@ def encode(message: WireMessage) -> bytes:
     validators = _VALIDATORS.get(cls)
     if validators is None:
         raise LocalProtocolError(f"{cls.__name__} is not a wire message")
-    values = [getattr(message, f.name) for f in dataclasses.fields(message)]  # type: ignore[arg-type]
+    values = [getattr(message, name) for name in _FIELD_NAMES[cls]]
     try:
         for check, value in zip(validators, values, strict=True):
             check(value)
