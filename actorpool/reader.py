@@ -59,7 +59,8 @@ class SocketReader:
         self._commands: deque[Callable[[], None]] = deque()
         self._lock = threading.Lock()
         self._woken = False  # a wake-up byte is on its way: no need for another
-        self._closed = False
+        self._closed = False  # asked to stop
+        self._stopped = False  # the loop has stopped reading
         self._loop_thread: threading.Thread | None = None
         self._own_thread: threading.Thread | None = None
 
@@ -153,16 +154,22 @@ class SocketReader:
             self._wake()
             own.join()
         else:
-            self._drain_commands()
-            self._release()
+            self._stop_loop()
 
     def _serve(self) -> None:
         try:
             while not self._closed:
                 self._poll()
         finally:
-            self._drain_commands()
-            self._release()
+            self._stop_loop()
+
+    def _stop_loop(self) -> None:
+        # Only once the loop reads no more may commands run on other threads;
+        # until then (closed, but still in _poll) they queue, and are run here.
+        with self._lock:
+            self._stopped = True
+        self._drain_commands()
+        self._release()
 
     def _release(self) -> None:
         self._selector.close()
@@ -173,7 +180,7 @@ class SocketReader:
 
     def _call(self, command: Callable[[], None]) -> None:
         with self._lock:
-            queued = not self._closed
+            queued = not self._stopped
             if queued:
                 self._commands.append(command)
                 wake = (
