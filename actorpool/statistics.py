@@ -73,6 +73,16 @@ class PoolStatistics:
         """The statistics of ``app_root``, or ``None`` if the pool has none."""
         return next((a for a in self.apps if a.app_root == app_root), None)
 
+    @property
+    def idle_processes(self) -> int:
+        """Processes that are up and serve no session."""
+        return sum(
+            1
+            for app in self.apps
+            for p in app.processes
+            if p.sessions == 0 and p.state == "ready"
+        )
+
     def to_dict(self) -> dict[str, Any]:
         """Plain data (for msgpack and JSON)."""
         return dataclasses.asdict(self)
@@ -100,7 +110,9 @@ class PoolStatistics:
             f"max      = {self.max_pool_size}",
             f"count    = {self.count}",
             f"active   = {self.active}",
-            f"inactive = {self.count - self.active}",
+            # Idle processes, as passenger-status counts them; count - active
+            # would go negative when a process serves several sessions.
+            f"inactive = {self.idle_processes}",
             f"Waiting on global queue: {self.waiting}",
             "",
             "----------- Application groups -----------",

@@ -194,7 +194,7 @@ def test_str_reads_like_passenger_status() -> None:
     assert "max      = 6" in text
     assert "count    = 4" in text
     assert "active   = 2" in text
-    assert "inactive = 2" in text
+    assert "inactive = 1" in text  # the idle ready process; not the spawning one
     assert "Waiting on global queue: 3" in text
     assert "Application groups" in text
     for app in SNAPSHOT.apps:
@@ -216,3 +216,15 @@ def test_str_lists_processes_under_their_app() -> None:
     assert any("PID: 4101" in line for line in lines[blog:shop])
     assert not any("PID: 5201" in line for line in lines[blog:shop])
     assert any("PID: 5201" in line for line in lines[shop:])
+
+
+def test_inactive_counts_idle_processes_even_with_concurrency() -> None:
+    busy = dataclasses.replace(SNAPSHOT.apps[0].processes[0], sessions=3, concurrency=4)
+    snapshot = dataclasses.replace(
+        SNAPSHOT,
+        count=1,
+        active=3,
+        apps=(dataclasses.replace(SNAPSHOT.apps[0], processes=(busy,)),),
+    )
+    assert snapshot.idle_processes == 0
+    assert "inactive = 0" in str(snapshot)  # not count - active = -2
