@@ -21,6 +21,7 @@ from actorpool import (
     QueueFullError,
     RemoteProtocolError,
     ServerGoneError,
+    SpawnError,
 )
 from actorpool.messages import (
     PROTOCOL_VERSION,
@@ -31,6 +32,7 @@ from actorpool.messages import (
     GetStatistics,
     Hello,
     Request,
+    SessionFailed,
     SessionGranted,
     Welcome,
     WireMessage,
@@ -235,3 +237,44 @@ def test_bad_arguments_fail_before_anything_is_sent(pair: Pair) -> None:
         pool.set_max_idle_time(-1.0)
     pool.close()
     assert server.receive() is PEER_CLOSED
+
+
+def test_a_dead_process_found_at_connect_is_reported_and_another_asked_for(
+    pair: Pair, listener: str, tmp_path: object
+) -> None:
+    connect, server = pair
+    pool = connect()
+    dead = f"{tmp_path}/gone.sock"  # nothing listens here: the process died
+
+    def answer() -> None:
+        first = server.request()
+        server.send(SessionGranted(first.request_id, 1, 11, "/srv/a", dead))
+        assert server.receive() == SessionFailed(1)  # reported, not just dropped
+        second = server.request()
+        assert isinstance(second, Get)
+        server.send(SessionGranted(second.request_id, 2, 22, "/srv/a", listener))
+
+    answering = threading.Thread(target=answer)
+    answering.start()
+    session = pool.get("/srv/a")
+    answering.join(WAIT)
+    assert (session.id, session.pid) == (2, 22)
+    session.close()
+
+
+def test_get_gives_up_after_three_dead_processes(pair: Pair, tmp_path: object) -> None:
+    connect, server = pair
+    pool = connect()
+    dead = f"{tmp_path}/gone.sock"
+
+    def answer() -> None:
+        for session_id in (1, 2, 3):
+            request = server.request()
+            server.send(SessionGranted(request.request_id, session_id, 1, "/a", dead))
+            assert server.receive() == SessionFailed(session_id)
+
+    answering = threading.Thread(target=answer)
+    answering.start()
+    with pytest.raises(SpawnError, match="3 tries"):
+        pool.get("/a")
+    answering.join(WAIT)
