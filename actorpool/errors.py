@@ -83,20 +83,6 @@ _WIRE_ERRORS: dict[str, type[ActorPoolError]] = {
     "ProtocolError": RemoteProtocolError,
 }
 
-_WIRE_NAMES: dict[type[Exception], str] = {
-    **{cls: name for name, cls in _WIRE_ERRORS.items()},
-    ProtocolError: "ProtocolError",
-}
-
-
-def error_kind(error: ActorPoolError) -> str:
-    """The wire name of ``error``'s class (the nearest one that can travel)."""
-    for cls in type(error).__mro__:
-        name = _WIRE_NAMES.get(cls)
-        if name is not None:
-            return name
-    return "ActorPoolError"
-
 
 def error_from_reply(kind: str, message: str, detail: str = "") -> ActorPoolError:
     """Build the exception an ``ErrorReply`` stands for.

@@ -18,7 +18,6 @@ from actorpool.errors import (
     ServerGoneError,
     SpawnError,
     error_from_reply,
-    error_kind,
 )
 
 WIRE_KINDS: dict[str, type[ActorPoolError]] = {
@@ -66,25 +65,6 @@ def test_error_from_reply_for_every_kind(kind: str, cls: type[ActorPoolError]) -
     error = error_from_reply(kind, "it went wrong", "some detail")
     assert type(error) is cls
     assert "it went wrong" in str(error)
-
-
-@pytest.mark.parametrize(("kind", "cls"), WIRE_KINDS.items())
-def test_error_kind_round_trips(kind: str, cls: type[ActorPoolError]) -> None:
-    assert error_kind(cls("x")) == kind
-    assert type(error_from_reply(error_kind(cls("x")), "x")) is cls
-
-
-def test_local_protocol_error_travels_as_protocol_error() -> None:
-    assert error_kind(LocalProtocolError("x")) == "ProtocolError"
-    assert error_kind(ProtocolError("x")) == "ProtocolError"
-
-
-def test_subclass_travels_as_its_nearest_wire_kind() -> None:
-    class Overloaded(QueueFullError):
-        pass
-
-    assert error_kind(Overloaded("busy")) == "QueueFullError"
-    assert error_kind(ActorPoolError("x")) == "ActorPoolError"
 
 
 @pytest.mark.parametrize("kind", ["NoSuchError", "", "ActorPoolError", "ValueError"])
