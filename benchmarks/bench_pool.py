@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import resource
 import socket
 import sys
 import tempfile
@@ -95,6 +96,10 @@ class ActorPoolUnderTest:
 
         return get_close
 
+    @property
+    def server_pid(self) -> int:
+        return self.server.pid
+
     def close(self) -> None:
         self.server.close()
 
@@ -116,6 +121,10 @@ class ManagersPoolUnderTest:
 
         return get_close
 
+    @property
+    def server_pid(self) -> int:
+        return self.manager._process.pid  # type: ignore[attr-defined]
+
     def close(self) -> None:
         _managers_pool.connect(self.address).shutdown()
         self.manager.shutdown()
@@ -132,14 +141,34 @@ def pin_process(pid: int, cpus: set[int]) -> None:
 
 def one_client_round_trip(
     pool: ActorPoolUnderTest | ManagersPoolUnderTest, n: int
-) -> float:
+) -> dict[str, float]:
+    """Seconds per get+close, and the CPU seconds each side spent on one."""
     get_close = pool.client()
     for _ in range(50):
         get_close()  # warm: the process exists, the code paths are hot
+    client_before = resource.getrusage(resource.RUSAGE_SELF)
+    server_before = process_cpu(pool.server_pid)
     start = time.perf_counter()
     for _ in range(n):
         get_close()
-    return (time.perf_counter() - start) / n
+    elapsed = time.perf_counter() - start
+    server_after = process_cpu(pool.server_pid)
+    client_after = resource.getrusage(resource.RUSAGE_SELF)
+    return {
+        "rtt": elapsed / n,
+        "client_user": (client_after.ru_utime - client_before.ru_utime) / n,
+        "client_sys": (client_after.ru_stime - client_before.ru_stime) / n,
+        "server_user": (server_after[0] - server_before[0]) / n,
+        "server_sys": (server_after[1] - server_before[1]) / n,
+    }
+
+
+def process_cpu(pid: int) -> tuple[float, float]:
+    """User and system CPU seconds of every thread of ``pid`` so far."""
+    with open(f"/proc/{pid}/stat") as stat:
+        fields = stat.read().rsplit(")", 1)[1].split()
+    ticks = os.sysconf("SC_CLK_TCK")
+    return int(fields[11]) / ticks, int(fields[12]) / ticks
 
 
 def throughput(
@@ -211,7 +240,7 @@ def main() -> None:
     ):
         pool = make()
         try:
-            row = {"rtt": one_client_round_trip(pool, n)}
+            row = one_client_round_trip(pool, n)
             for clients in client_counts:
                 row[f"x{clients}"] = throughput(pool, clients, seconds)
         finally:
@@ -238,6 +267,14 @@ def main() -> None:
                 f"{cells[i]:>14} {cells[i + 1]:>7}" for i in range(0, len(cells), 2)
             )
         )
+
+    print()
+    print("CPU per get+close with one client (us):")
+    columns = ("client user", "client sys", "server user", "server sys")
+    print(f"{'':32} " + " ".join(f"{column:>12}" for column in columns))
+    for name, row in results.items():
+        keys = ("client_user", "client_sys", "server_user", "server_sys")
+        print(f"{name:32} " + " ".join(f"{row[key] * 1e6:12.1f}" for key in keys))
 
 
 if __name__ == "__main__":
