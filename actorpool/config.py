@@ -46,6 +46,13 @@ class PoolConfig:
     """Least seconds between two looks at an app's ``tmp/restart.txt`` and
     ``tmp/always_restart.txt``; 0 looks on every get."""
 
+    user: str | None = None
+    """Who application processes run as when the server runs as root. None
+    follows Passenger: the owner of the app's startup file, or ``nobody``
+    when that owner is root. Ignored (but checked) when the server is not
+    root: then processes run as the server's user, and naming another user
+    fails each spawn with ``SpawnError``."""
+
     def __post_init__(self) -> None:
         _check_int("max_pool_size", self.max_pool_size, minimum=1)
         _check_int("max_per_app", self.max_per_app, minimum=0)
@@ -57,6 +64,10 @@ class PoolConfig:
         _check_seconds(
             "restart_check_interval", self.restart_check_interval, allow_zero=True
         )
+        if self.user is not None and (
+            not isinstance(self.user, str) or not self.user or "\0" in self.user
+        ):
+            raise ConfigError(f"user must be a user name or None, not {self.user!r}")
 
     def replace(self, **changes: Any) -> PoolConfig:
         """A copy with ``changes`` applied and validated."""

@@ -56,6 +56,7 @@ __all__ = [
     "SpawnInstance",
     "StatisticsReply",
     "StopInstance",
+    "AppRestarted",
     "Tick",
     "Welcome",
     "WireMessage",
@@ -337,6 +338,18 @@ class StopInstance:
 
     instance_id: int
     """The registry's number for the process."""
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class AppRestarted:
+    """Registry to spawner: an app restarted (``restart.txt`` or ``restart_app``).
+
+    Told before the spawns that follow it, so a spawner that keeps state per
+    app (the smart spawner's preloader) starts those from the new code.
+    """
+
+    app_root: str
+    """The application's root directory."""
 
 
 @dataclasses.dataclass(frozen=True, slots=True)

@@ -39,6 +39,7 @@ from actorpool.messages import (
     RegistryAttached,
     Reply,
     Request,
+    AppRestarted,
     RestartApp,
     SessionFailed,
     SessionGranted,
@@ -202,7 +203,7 @@ class RegistryActor(pykka.ThreadingActor):
             return
         if self._watcher.should_restart(get.app_root, now):
             logger.info("restarting %s: restart.txt changed", get.app_root)
-            self._apply(self._pool.restart_app(get.app_root, now))
+            self._restart(get.app_root, now)
         self._apply(
             self._pool.get(client_id, get.request_id, get.app_root, now, get.timeout)
         )
@@ -259,8 +260,13 @@ class RegistryActor(pykka.ThreadingActor):
 
     def _on_restart_app(self, client_id: int, request: RestartApp) -> None:
         logger.info("restarting %s on request", request.app_root)
-        self._apply(self._pool.restart_app(request.app_root, self._clock()))
+        self._restart(request.app_root, self._clock())
         self._reply(client_id, Done(request.request_id))
+
+    def _restart(self, app_root: str, now: float) -> None:
+        # The spawner hears of it before any spawn the restart leads to.
+        self._spawner.tell(AppRestarted(app_root))
+        self._apply(self._pool.restart_app(app_root, now))
 
     # --- messages from the spawner and the alarm ------------------------------
 

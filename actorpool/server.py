@@ -273,7 +273,7 @@ def _run_server(boot: _Bootstrap, status: Any) -> None:
     started: list[Any] = []
     try:
         spawner = SpawnerActor.start(
-            boot.spawner, socket_dir, boot.config.spawn_timeout
+            boot.spawner, socket_dir, boot.config.spawn_timeout, boot.config.user
         )
         started.append(spawner)
         registry = RegistryActor.start(boot.config, spawner, on_fatal=stopping.set)

@@ -26,6 +26,7 @@ import pykka
 
 from actorpool.errors import SpawnError
 from actorpool.messages import (
+    AppRestarted,
     InstanceExited,
     InstanceReady,
     RegistryAttached,
@@ -58,6 +59,8 @@ class SpawnRequest:
     """A private (0700) directory where the instance should put its socket."""
     timeout: float
     """Seconds the process may take to become ready; then the spawn fails."""
+    user: str | None = None
+    """``PoolConfig.user``: who the process should run as (None: the default)."""
 
 
 class Instance(Protocol):
@@ -91,6 +94,13 @@ class Spawner(abc.ABC):
         (with the app's output) when the app cannot start.
         """
 
+    def app_restarted(self, app_root: str) -> None:  # noqa: B027 (optional hook)
+        """The app restarted: later spawns must load its code afresh.
+
+        Called on the spawner actor's thread, before any spawn that follows
+        the restart; it must return promptly.
+        """
+
     def close(self) -> None:  # noqa: B027 (optional hook)
         """Called once at shutdown, after every instance was stopped."""
 
@@ -119,7 +129,13 @@ class _Overdue:
 class SpawnerActor(pykka.ThreadingActor):
     """Runs a :class:`Spawner` for the registry, one thread per spawn."""
 
-    def __init__(self, spawner: Spawner, socket_dir: str, spawn_timeout: float) -> None:
+    def __init__(
+        self,
+        spawner: Spawner,
+        socket_dir: str,
+        spawn_timeout: float,
+        user: str | None = None,
+    ) -> None:
         super().__init__()
         # __init__ runs in the thread that starts the actor, so a spawner that
         # cannot start fails the server's start-up instead of a later spawn.
@@ -127,6 +143,7 @@ class SpawnerActor(pykka.ThreadingActor):
         self._spawner = spawner
         self._socket_dir = socket_dir
         self._spawn_timeout = spawn_timeout
+        self._user = user
         self._registry: pykka.ActorRef[Any] | None = None
         self._spawning: dict[int, bool] = {}  # instance id -> cancelled
         self._running: dict[int, Instance] = {}
@@ -143,6 +160,7 @@ class SpawnerActor(pykka.ThreadingActor):
             RegistryAttached: self._on_registry_attached,
             SpawnInstance: self._on_spawn,
             StopInstance: self._on_stop_instance,
+            AppRestarted: self._on_app_restarted,
             _SpawnDone: self._on_spawn_done,
             _Exited: self._on_exited,
             _Overdue: self._on_overdue,
@@ -190,7 +208,11 @@ class SpawnerActor(pykka.ThreadingActor):
 
     def _on_spawn(self, message: SpawnInstance) -> None:
         request = SpawnRequest(
-            message.instance_id, message.app_root, self._socket_dir, self._spawn_timeout
+            message.instance_id,
+            message.app_root,
+            self._socket_dir,
+            self._spawn_timeout,
+            self._user,
         )
         self._spawning[message.instance_id] = False
         thread = threading.Thread(
@@ -221,6 +243,12 @@ class SpawnerActor(pykka.ThreadingActor):
                 "stopping instance %d (pid %d)", message.instance_id, instance.pid
             )
             _stop_quietly(instance)
+
+    def _on_app_restarted(self, message: AppRestarted) -> None:
+        try:
+            self._spawner.app_restarted(message.app_root)
+        except Exception:  # a spawner bug must not stop the actor
+            logger.exception("spawner failed to restart %s", message.app_root)
 
     def _on_overdue(self, message: _Overdue) -> None:
         if self._overdue.pop(message.instance_id, None) is None:

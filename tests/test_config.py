@@ -31,7 +31,7 @@ SECONDS_FIELDS = {
 
 def test_fields_are_all_covered() -> None:
     names = {field.name for field in dataclasses.fields(PoolConfig)}
-    assert names == set(INT_FIELDS) | set(SECONDS_FIELDS)
+    assert names == set(INT_FIELDS) | set(SECONDS_FIELDS) | {"user"}
 
 
 def test_defaults_match_the_design() -> None:
@@ -44,6 +44,17 @@ def test_defaults_match_the_design() -> None:
     assert config.max_queue_size == 100
     assert config.spawn_timeout == 90
     assert 0 < config.restart_check_interval < math.inf
+    assert config.user is None
+
+
+@pytest.mark.parametrize("user", ["", "a\0b", 0, b"root"])
+def test_user_must_be_a_name(user: Any) -> None:
+    with pytest.raises(ConfigError, match="user"):
+        PoolConfig(user=user)
+
+
+def test_user_may_be_named() -> None:
+    assert PoolConfig(user="nobody").user == "nobody"
 
 
 def test_config_is_frozen_and_keyword_only() -> None:

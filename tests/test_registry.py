@@ -24,6 +24,7 @@ import pytest
 
 from actorpool.config import PoolConfig
 from actorpool.messages import (
+    AppRestarted,
     Clear,
     ClientAttached,
     ClientDetached,
@@ -285,6 +286,8 @@ def test_admin_requests_are_answered(
     rig.send(1, request_)
     reply = client.get(timeout=WAIT)
     assert reply.request_id == 1
+    if isinstance(request_, RestartApp):
+        assert take(rig.orders, AppRestarted).app_root == request_.app_root
     if error_kind is not None:
         assert isinstance(reply, ErrorReply)
         assert reply.kind == error_kind
@@ -324,6 +327,7 @@ def test_clear_and_restart_stop_idle_processes_and_retire_busy_ones(
 
     rig.send(1, RestartApp(3, A))
     assert take(client, Done).request_id == 3
+    assert take(rig.orders, AppRestarted).app_root == A  # before the stop
     stopped = take(rig.orders, StopInstance).instance_id
 
     rig.send(1, Clear(4))
@@ -353,6 +357,7 @@ def test_touching_restart_txt_between_gets_stops_the_old_instance(
     Path(app, "tmp", "restart.txt").touch()
     rig.send(1, Get(3, app))
 
+    assert take(rig.orders, AppRestarted).app_root == app  # before the spawn
     assert take(rig.orders, StopInstance).instance_id == old
     new = rig.spawned(app)
     assert new != old
