@@ -30,6 +30,7 @@ from actorpool.errors import LocalProtocolError, RemoteProtocolError
 
 __all__ = [
     "PROTOCOL_VERSION",
+    "AppRestarted",
     "Category",
     "Clear",
     "ClientAttached",
@@ -56,7 +57,6 @@ __all__ = [
     "SpawnInstance",
     "StatisticsReply",
     "StopInstance",
-    "AppRestarted",
     "Tick",
     "Welcome",
     "WireMessage",

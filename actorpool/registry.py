@@ -25,6 +25,7 @@ import pykka
 
 from actorpool.config import PoolConfig
 from actorpool.messages import (
+    AppRestarted,
     Clear,
     ClientAttached,
     ClientDetached,
@@ -39,7 +40,6 @@ from actorpool.messages import (
     RegistryAttached,
     Reply,
     Request,
-    AppRestarted,
     RestartApp,
     SessionFailed,
     SessionGranted,

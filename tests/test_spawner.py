@@ -25,6 +25,7 @@ import pytest
 
 from actorpool.errors import SpawnError
 from actorpool.messages import (
+    AppRestarted,
     InstanceExited,
     InstanceReady,
     RegistryAttached,
@@ -217,6 +218,42 @@ def test_a_spawn_its_spawner_does_not_time_out_fails_after_spawn_timeout(
     assert "spawn_timeout" in failed.message
     assert actor.is_alive()
     hung.release.set()
+
+
+class _Journal(Spawner):
+    """Records app restarts and spawns in the order the actor called them."""
+
+    def __init__(self, fail_restart: bool = False) -> None:
+        self.calls: queue.Queue[tuple[str, str, str | None]] = queue.Queue()
+        self.fail_restart = fail_restart
+
+    def app_restarted(self, app_root: str) -> None:
+        self.calls.put(("restarted", app_root, None))
+        if self.fail_restart:
+            raise RuntimeError("restart bug")
+
+    def spawn(self, request: SpawnRequest) -> Instance:
+        self.calls.put(("spawn", request.app_root, request.user))
+        raise SpawnError("not really")
+
+
+@pytest.mark.parametrize("fail_restart", [False, True])
+def test_app_restarted_reaches_the_spawner_before_later_spawns(
+    socket_dir: str, fail_restart: bool
+) -> None:
+    journal = _Journal(fail_restart)
+    reports: queue.Queue[Any] = queue.Queue()
+    registry = Recorder.start(reports)
+    actor = SpawnerActor.start(journal, socket_dir, WAIT, "daemon")
+    actor.tell(RegistryAttached(registry.actor_urn))
+    actor.tell(AppRestarted(A))
+    actor.tell(SpawnInstance(1, A))
+    assert journal.calls.get(timeout=WAIT) == ("restarted", A, None)
+    # The spawn follows, with PoolConfig.user passed on; a failing hook
+    # costs nothing but a log line.
+    assert journal.calls.get(timeout=WAIT) == ("spawn", A, "daemon")
+    assert take(reports, SpawnFailed).instance_id == 1
+    assert actor.is_alive()
 
 
 def test_a_spawner_that_raises_a_non_spawn_error_reports_spawn_failed(

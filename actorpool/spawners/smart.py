@@ -1,0 +1,360 @@
+"""SmartSpawner: one preloader per app imports the app once and forks workers.
+
+Passenger offers this "smart spawning" for Ruby only. A worker forked from a
+preloader starts in about the time a ``fork()`` takes, however slow the app's
+import, and shares the imported code and data with its siblings
+copy-on-write. Command apps (``actorpool.toml``) cannot be preloaded; they
+are started directly.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import logging
+import math
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable
+
+import msgpack
+
+from actorpool.errors import ConfigError, SpawnError
+from actorpool.spawner import Instance, Spawner, SpawnRequest
+from actorpool.spawners._process import (
+    KILL_GRACE,
+    MAX_MESSAGE,
+    Lifeline,
+    OutputLog,
+    PidfdInstance,
+    SocketDirs,
+    popen_user_args,
+    read_message,
+    user_env,
+    write_message,
+)
+from actorpool.spawners.approot import AppSpec, RunAs, load_app_spec, run_as
+from actorpool.spawners.direct import (
+    KILLED_OUTPUT_WAIT,
+    _as,
+    socket_path,
+    start_direct,
+)
+
+__all__ = ["SmartSpawner"]
+
+logger = logging.getLogger(__name__)
+
+PR_SET_CHILD_SUBREAPER = 36
+
+
+class SmartSpawner(Spawner):
+    """Forks application processes from one preloader per app.
+
+    The preloader is started (fresh and single-threaded) by the first spawn
+    of its app, restarted when the app restarts (``tmp/restart.txt`` or
+    ``restart_app``), and stopped once no spawn has needed it for
+    ``max_preloader_idle_time`` seconds (0: never). Workers outlive their
+    preloader: stopping it stops no worker.
+    """
+
+    def __init__(self, *, max_preloader_idle_time: float = 300.0) -> None:
+        if (
+            isinstance(max_preloader_idle_time, bool)
+            or not isinstance(max_preloader_idle_time, int | float)
+            or not math.isfinite(max_preloader_idle_time)
+            or max_preloader_idle_time < 0
+        ):
+            raise ConfigError(
+                "max_preloader_idle_time must be a finite number >= 0, "
+                f"not {max_preloader_idle_time!r}"
+            )
+        self.max_preloader_idle_time = float(max_preloader_idle_time)
+        self._live: _Live | None = None
+
+    def __repr__(self) -> str:
+        return f"SmartSpawner(max_preloader_idle_time={self.max_preloader_idle_time})"
+
+    def __getstate__(self) -> dict[str, object]:
+        return {"max_preloader_idle_time": self.max_preloader_idle_time}
+
+    def __setstate__(self, state: dict[str, float]) -> None:
+        self.__init__(**state)  # type: ignore[misc]
+
+    def start(self, socket_dir: str) -> None:
+        # A worker's preloader lets go of it at once (a double fork), so the
+        # server must be the one to adopt and reap it.
+        libc = ctypes.CDLL(None, use_errno=True)
+        if libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) != 0:
+            raise OSError(ctypes.get_errno(), "prctl(PR_SET_CHILD_SUBREAPER) failed")
+        self._live = _Live(SocketDirs(socket_dir), Lifeline())
+
+    def spawn(self, request: SpawnRequest) -> Instance:
+        live = self._live
+        if live is None:
+            raise SpawnError("the spawner was not started (or is closed)")
+        spec = load_app_spec(request.app_root)
+        user = run_as(spec, request.user)
+        address = socket_path(live.dirs.for_user(user), request.instance_id)
+        if not spec.is_wsgi:
+            return start_direct(spec, user, address, request.timeout, live.lifeline)
+        deadline = time.monotonic() + request.timeout
+        preloader = self._preloader(live, spec, user, deadline)
+        pid = preloader.fork(address, deadline)
+        return PidfdInstance(pid, address)
+
+    def app_restarted(self, app_root: str) -> None:
+        if self._live is not None:
+            with self._live.lock:
+                preloader = self._live.preloaders.pop(app_root, None)
+            if preloader is not None:
+                logger.info("restarting the preloader of %s", app_root)
+                preloader.stop()
+
+    def close(self) -> None:
+        live, self._live = self._live, None
+        if live is None:
+            return
+        with live.lock:
+            preloaders = list(live.preloaders.values())
+            live.preloaders.clear()
+        for preloader in preloaders:
+            preloader.stop()
+        for preloader in preloaders:
+            preloader.join()
+        live.lifeline.close()
+        live.dirs.close()
+
+    def _preloader(
+        self, live: _Live, spec: AppSpec, user: RunAs | None, deadline: float
+    ) -> _Preloader:
+        with live.lock:
+            preloader = live.preloaders.get(spec.app_root)
+            if preloader is None or not preloader.usable(user):
+                if preloader is not None:
+                    preloader.stop()
+                preloader = _Preloader(
+                    spec, user, live.lifeline, self.max_preloader_idle_time, self._idle
+                )
+                live.preloaders[spec.app_root] = preloader
+        try:
+            preloader.wait_ready(deadline)
+        except SpawnError:
+            with live.lock:
+                if live.preloaders.get(spec.app_root) is preloader:
+                    del live.preloaders[spec.app_root]
+            preloader.stop(kill=True)
+            raise
+        return preloader
+
+    def _idle(self, preloader: _Preloader) -> None:
+        live = self._live
+        if live is None:
+            return
+        with live.lock:
+            if live.preloaders.get(preloader.app_root) is not preloader:
+                return
+            if not preloader.idle_for(self.max_preloader_idle_time):
+                preloader.touch()  # used since the timer was set: look again later
+                return
+            del live.preloaders[preloader.app_root]
+        logger.info("stopping the idle preloader of %s", preloader.app_root)
+        preloader.stop()
+
+
+class _Live:
+    """A started SmartSpawner's state (never pickled)."""
+
+    def __init__(self, dirs: SocketDirs, lifeline: Lifeline) -> None:
+        self.dirs = dirs
+        self.lifeline = lifeline
+        self.lock = threading.Lock()
+        self.preloaders: dict[str, _Preloader] = {}
+
+
+class _Preloader:
+    """One running preloader process and the control socket to it.
+
+    It is started at once and waited for by whichever spawns need it; its
+    control socket carries one request at a time.
+    """
+
+    def __init__(
+        self,
+        spec: AppSpec,
+        user: RunAs | None,
+        lifeline: Lifeline,
+        idle_time: float,
+        on_idle: Callable[[_Preloader], None],
+    ) -> None:
+        self.app_root = spec.app_root
+        self.user = user
+        self._idle_time = idle_time
+        self._on_idle = on_idle
+        self._lock = threading.Lock()
+        self._ready = threading.Event()
+        self._error: SpawnError | None = None
+        self._stopped = False
+        self._last_used = time.monotonic()
+        self._timer: threading.Timer | None = None
+        self._unpacker = msgpack.Unpacker(raw=False, max_buffer_size=MAX_MESSAGE)
+        self._process: subprocess.Popen[bytes] | None = None
+        self._control, child_end = socket.socketpair()
+        out_r, out_w = os.pipe()
+        env = user_env(user)
+        try:
+            self._process = subprocess.Popen(
+                [
+                    sys.executable,
+                    "-m",
+                    "actorpool.spawners.preloader",
+                    spec.app_root,
+                    str(child_end.fileno()),
+                    str(lifeline.read_fd),
+                ],
+                cwd=spec.app_root,
+                env=env,
+                stdin=subprocess.DEVNULL,
+                stdout=out_w,
+                stderr=out_w,
+                pass_fds=(child_end.fileno(), lifeline.read_fd),
+                start_new_session=True,
+                **popen_user_args(user),
+            )
+        except OSError as exc:
+            self._control.close()
+            os.close(out_r)
+            self._error = SpawnError(
+                f"cannot start a preloader for {spec.app_root}{_as(user)}: {exc}"
+            )
+            self._ready.set()
+            self._process = None
+            return
+        finally:
+            child_end.close()
+            os.close(out_w)
+        self._output = OutputLog(out_r, spec.app_root, "preloader")
+        self._output.pid = self._process.pid
+        threading.Thread(
+            target=self._await_ready, name="actorpool-preloader", daemon=True
+        ).start()
+        self.touch()
+
+    def __repr__(self) -> str:
+        pid = self._process.pid if self._process is not None else None
+        return f"<Preloader {self.app_root!r} pid={pid}>"
+
+    def usable(self, user: RunAs | None) -> bool:
+        """Whether it can fork for a spawn as ``user`` (it may have died)."""
+        return (
+            user == self.user
+            and self._process is not None
+            and self._process.poll() is None
+            and self._error is None
+        )
+
+    def touch(self) -> None:
+        """(Re)arm the idle timer, from the last use."""
+        if self._timer is not None:
+            self._timer.cancel()
+        if self._idle_time > 0 and not self._stopped:
+            delay = self._last_used + self._idle_time - time.monotonic()
+            self._timer = threading.Timer(max(0.0, delay), self._on_idle, args=(self,))
+            self._timer.daemon = True
+            self._timer.start()
+
+    def idle_for(self, seconds: float) -> bool:
+        """Whether it has not been used for ``seconds``."""
+        with self._lock:
+            return time.monotonic() - self._last_used >= seconds
+
+    def wait_ready(self, deadline: float) -> None:
+        """Block until it has loaded the app; :class:`SpawnError` if it could not."""
+        if not self._ready.wait(max(0.0, deadline - time.monotonic())):
+            raise SpawnError(
+                f"{self.app_root} did not load within spawn_timeout",
+                output=self._output.tail(),
+            )
+        if self._error is not None:
+            raise self._error
+
+    def fork(self, address: str, deadline: float) -> int:
+        """Have it fork a worker listening at ``address``; the worker's pid."""
+        with self._lock:
+            self._last_used = time.monotonic()
+            try:
+                write_message(self._control.fileno(), ["spawn", address])
+                reply = read_message(self._control.fileno(), deadline, self._unpacker)
+            except TimeoutError:
+                self.stop()  # stuck: a fresh one serves the next spawn
+                raise SpawnError(
+                    f"the preloader of {self.app_root} did not fork in time"
+                ) from None
+            except OSError as exc:
+                raise SpawnError(
+                    f"the preloader of {self.app_root} is gone: {exc}"
+                ) from exc
+            self._last_used = time.monotonic()
+            self.touch()
+        if reply is None:
+            raise SpawnError(
+                f"the preloader of {self.app_root} exited",
+                output=self._output.tail(wait=KILLED_OUTPUT_WAIT),
+            )
+        if reply[0] != "spawned":
+            raise SpawnError(
+                f"{self.app_root}: {reply[1] if len(reply) > 1 else reply}"
+            )
+        return int(reply[1])
+
+    def stop(self, *, kill: bool = False) -> None:
+        """Let it go: it exits when its control socket closes. ``kill``: a
+        stuck one, killed at once."""
+        if self._timer is not None:
+            self._timer.cancel()
+        if kill and self._process is not None:
+            self._process.kill()
+            self._process.wait()
+        with self._lock:
+            if self._stopped:
+                return
+            self._stopped = True
+            self._control.close()
+        if self._process is not None:
+            threading.Thread(
+                target=self._reap, name="actorpool-preloader-reap", daemon=True
+            ).start()
+
+    def join(self) -> None:
+        """Wait (a bounded time) for the process to exit."""
+        if self._process is not None:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self._process.wait(KILL_GRACE * 2)
+
+    def _reap(self) -> None:
+        assert self._process is not None
+        try:
+            self._process.wait(KILL_GRACE)
+        except subprocess.TimeoutExpired:
+            self._process.kill()
+            self._process.wait()
+
+    def _await_ready(self) -> None:
+        assert self._process is not None
+        try:
+            message = read_message(self._control.fileno(), math.inf, self._unpacker)
+        except (OSError, SpawnError) as exc:
+            message = ["error", f"the preloader failed: {exc}", ""]
+        if message is None or message[0] != "ready":
+            if message is not None and message[0] == "error" and len(message) == 3:
+                text, trace = str(message[1]), str(message[2])
+            else:
+                text, trace = "the preloader exited before it loaded the app", ""
+            tail = self._output.tail(wait=KILLED_OUTPUT_WAIT)
+            output = tail if trace.strip() in tail else f"{trace.rstrip()}\n{tail}"
+            self._error = SpawnError(f"{self.app_root}: {text}", output=output.strip())
+        self._ready.set()

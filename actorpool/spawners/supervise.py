@@ -1,0 +1,111 @@
+"""The supervisor of a command app (``actorpool.toml``): one per process.
+
+Started by the spawner as a fresh interpreter in a session of its own::
+
+    python -m actorpool.spawners.supervise SOCKET READY LIFELINE UID GID -- ARGV...
+
+A command (gunicorn, uvicorn, a program in another language) knows nothing of
+the lifeline, so this small process stands between: it starts the command
+(as ``UID``/``GID`` when they are not -1), says ``["ready", pid]`` on
+``READY`` once the command's socket accepts a connection (``["error",
+text, ""]`` if the command exits first), then waits. When the lifeline
+reaches end of file it stops the command; when the command exits, so does
+the supervisor. The command gets SIGKILL from the kernel if the supervisor
+itself is killed (``PR_SET_PDEATHSIG``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import functools
+import os
+import select
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+from actorpool.spawners._process import KILL_GRACE, write_message
+
+__all__ = ["main"]
+
+PR_SET_PDEATHSIG = 1
+READY_POLL = 0.02
+"""Seconds between two attempts to connect to a starting command's socket."""
+
+
+def main(argv: list[str]) -> int:
+    """Run the supervisor; see the module's docstring for the arguments."""
+    socket_path, ready, lifeline = argv[0], int(argv[1]), int(argv[2])
+    uid, gid = int(argv[3]), int(argv[4])
+    command = argv[argv.index("--") + 1 :]
+    user: dict[str, object] = {}
+    if uid != -1:
+        user = {"user": uid, "group": gid, "extra_groups": [gid]}
+    try:
+        child = subprocess.Popen(  # type: ignore[call-overload]
+            command, preexec_fn=functools.partial(_die_with_parent, os.getpid()), **user
+        )
+    except OSError as exc:
+        write_message(ready, ["error", f"cannot run {command[0]!r}: {exc}", ""])
+        return 1
+    # SIGTERM to the supervisor alone (not its group) still stops the command.
+    signal.signal(signal.SIGTERM, lambda *_: _terminate(child))
+    while not _accepts(socket_path):
+        if child.poll() is not None:
+            write_message(
+                ready,
+                [
+                    "error",
+                    f"{command[0]} exited with status {child.returncode} "
+                    f"before it listened on {socket_path}",
+                    "",
+                ],
+            )
+            return 1
+        time.sleep(READY_POLL)
+    write_message(ready, ["ready", child.pid])
+    os.close(ready)
+    pidfd = os.pidfd_open(child.pid)
+    while True:
+        with contextlib.suppress(InterruptedError):
+            readable, _, _ = select.select([lifeline, pidfd], [], [])
+            if pidfd in readable:
+                status: int = child.wait()
+                return status & 0xFF
+            if lifeline in readable:
+                _terminate(child)
+                return 0
+
+
+def _accepts(path: str) -> bool:
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+        try:
+            probe.connect(path)
+        except OSError:
+            return False
+    return True
+
+
+def _terminate(child: subprocess.Popen[bytes]) -> None:
+    child.terminate()
+    try:
+        child.wait(KILL_GRACE)
+    except subprocess.TimeoutExpired:
+        child.kill()
+        child.wait()
+
+
+def _die_with_parent(parent: int) -> None:
+    # Runs in the child after it has switched users (a later switch would
+    # clear the setting) and before exec, in this single-threaded process.
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    if os.getppid() != parent:  # the supervisor died before the prctl
+        os._exit(1)
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,120 @@
+"""The bundled worker: one application process serving a ``passenger_wsgi.py`` app.
+
+Started by :class:`~actorpool.spawners.DirectSpawner` as a fresh interpreter::
+
+    python -m actorpool.spawners.worker APP_ROOT SOCKET READY_FD LIFELINE_FD
+
+It loads the app, listens on ``SOCKET``, says ``["ready", pid]`` on
+``READY_FD`` (or ``["error", text, traceback]`` if the app failed to load)
+and serves HTTP/1.1 on the socket, one connection at a time, until the
+lifeline reaches end of file (the server is gone) or it is sent SIGTERM.
+
+The preloader of :class:`~actorpool.spawners.SmartSpawner` uses
+:func:`load_application` and :func:`listen` from here, then forks.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import os
+import socket
+import sys
+import traceback
+from typing import Any
+
+from actorpool.spawners.approot import WSGI_FILE
+from actorpool.spawners.wsgi import WSGIApp
+
+__all__ = ["LoadError", "listen", "load_application", "main", "report_failure"]
+
+
+class LoadError(Exception):
+    """The app could not be loaded; ``args[0]`` says why, ``traceback`` how."""
+
+    def __init__(self, message: str, traceback_text: str = "") -> None:
+        super().__init__(message)
+        self.traceback = traceback_text
+
+
+def load_application(app_root: str) -> WSGIApp:
+    """Import ``APP_ROOT/passenger_wsgi.py`` as Passenger does and return its
+    ``application``: the app root becomes the working directory and the
+    first entry of ``sys.path``."""
+    os.chdir(app_root)
+    sys.path.insert(0, app_root)
+    path = os.path.join(app_root, WSGI_FILE)
+    try:
+        spec = importlib.util.spec_from_file_location("passenger_wsgi", path)
+        assert spec is not None
+        assert spec.loader is not None
+        module = importlib.util.module_from_spec(spec)
+        sys.modules["passenger_wsgi"] = module
+        spec.loader.exec_module(module)
+    except BaseException as exc:
+        raise LoadError(
+            f"{path} raised {type(exc).__name__}: {exc}", traceback.format_exc()
+        ) from exc
+    application = getattr(module, "application", None)
+    if not callable(application):
+        raise LoadError(f"{path} does not define a callable `application`")
+    return application  # type: ignore[no-any-return]
+
+
+def listen(path: str) -> socket.socket:
+    """A Unix stream socket listening at ``path`` (a stale file is replaced)."""
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(path)
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        listener.bind(path)
+        listener.listen(128)
+    except BaseException:
+        listener.close()
+        raise
+    return listener
+
+
+def report_failure(fd: int, exc: BaseException) -> None:
+    """Say on ``fd`` why the start failed, and print it to the log too."""
+    from actorpool.spawners._process import write_message
+
+    if isinstance(exc, LoadError):
+        text, trace = exc.args[0], exc.traceback
+    else:
+        text, trace = f"{type(exc).__name__}: {exc}", traceback.format_exc()
+    print(trace or text, file=sys.stderr, flush=True)
+    with contextlib.suppress(OSError):
+        write_message(fd, ["error", text, trace])
+
+
+def main(argv: list[str]) -> int:
+    """Run the worker; see the module's docstring for the arguments."""
+    from actorpool.spawners._process import write_message
+    from actorpool.spawners.wsgi import serve_forever
+
+    app_root, socket_path, ready, lifeline = (
+        argv[0],
+        argv[1],
+        int(argv[2]),
+        int(argv[3]),
+    )
+    try:
+        application = load_application(app_root)
+        listener = listen(socket_path)
+    except BaseException as exc:
+        report_failure(ready, exc)
+        return 1
+    write_message(ready, ["ready", os.getpid()])
+    os.close(ready)
+    with listener:
+        serve_forever(application, listener, lifeline=lifeline)
+    return 0
+
+
+def _entry() -> Any:
+    sys.exit(main(sys.argv[1:]))
+
+
+if __name__ == "__main__":
+    _entry()

@@ -1,0 +1,621 @@
+"""DirectSpawner and SmartSpawner end to end: real servers, real app processes,
+real HTTP over the session's socket (Passenger's own pool tests, with apps)."""
+
+from __future__ import annotations
+
+import http.client
+import logging
+import os
+import pwd
+import signal
+import stat
+import subprocess
+import sys
+import textwrap
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from actorpool import ApplicationPoolServer, PoolConfig, Session, SpawnError
+from actorpool.spawner import Spawner
+from actorpool.spawners import DirectSpawner, SmartSpawner
+
+pytestmark = pytest.mark.slow
+
+SPAWNERS = [
+    pytest.param(DirectSpawner, id="direct"),
+    pytest.param(SmartSpawner, id="smart"),
+]
+
+HELLO = """
+import os
+GREETING = "hello"
+
+def application(environ, start_response):
+    body = f"{GREETING} pid={os.getpid()} uid={os.getuid()}\\n".encode()
+    start_response("200 OK", [("Content-Type", "text/plain")])
+    return [body]
+"""
+
+ECHO_SERVER = """
+import os, socketserver, sys
+from http.server import BaseHTTPRequestHandler
+
+class Handler(BaseHTTPRequestHandler):
+    def address_string(self):
+        return "unix"
+
+    def do_GET(self):
+        body = f"{os.environ['GREETING']} pid={os.getpid()} uid={os.getuid()}\\n"
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body.encode())
+
+socketserver.UnixStreamServer(sys.argv[1], Handler).serve_forever()
+"""
+
+
+def me() -> str:
+    return pwd.getpwuid(os.geteuid()).pw_name
+
+
+def write_app(root: Path, source: str = HELLO) -> str:
+    (root / "tmp").mkdir(parents=True, exist_ok=True)
+    (root / "passenger_wsgi.py").write_text(textwrap.dedent(source))
+    return os.fspath(root)
+
+
+def write_command_app(root: Path, greeting: str = "command") -> str:
+    (root / "tmp").mkdir(parents=True, exist_ok=True)
+    (root / "server.py").write_text(ECHO_SERVER)
+    (root / "actorpool.toml").write_text(
+        'command = ["{python}", "server.py", "{socket}"]\n'
+        f'[env]\nGREETING = "{greeting}"\n'
+    )
+    return os.fspath(root)
+
+
+def fetch(session: Session, path: str = "/") -> str:
+    """One HTTP/1.1 request over the session's socket, with a real client."""
+    session.socket.sendall(
+        f"GET {path} HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n".encode()
+    )
+    response = http.client.HTTPResponse(session.socket)
+    try:
+        response.begin()
+        assert response.status == 200
+        return response.read().decode()
+    finally:
+        response.close()
+
+
+def alive(pid: int) -> bool:
+    """Whether ``pid`` runs (a zombie, exited but not reaped, does not)."""
+    try:
+        with open(f"/proc/{pid}/stat") as file:
+            return file.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+def processes_in(directory: Path) -> set[int]:
+    """Every live process whose working directory is inside ``directory``:
+    our workers, preloaders, supervisors and commands all run in their app root."""
+    found = set()
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                cwd = os.readlink(f"/proc/{entry}/cwd")
+            except OSError:
+                continue
+            if cwd.startswith(os.fspath(directory)) and alive(int(entry)):
+                found.add(int(entry))
+    return found
+
+
+@pytest.fixture
+def serve(
+    start_server: Callable[..., ApplicationPoolServer],
+) -> Callable[..., ApplicationPoolServer]:
+    """Start servers (as this user, so root does not drop to nobody); their
+    connections and the servers close after the test."""
+
+    def start(spawner: Spawner, **config: Any) -> ApplicationPoolServer:
+        config.setdefault("user", me())
+        return start_server(spawner, **config)
+
+    return start
+
+
+# --- serving -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("make_spawner", SPAWNERS)
+def test_a_session_gets_the_apps_response(
+    serve: Callable[..., ApplicationPoolServer],
+    make_spawner: type[Spawner],
+    tmp_path: Path,
+) -> None:
+    app = write_app(tmp_path / "app")
+    pool = serve(make_spawner()).connect()
+    with pool.get(app) as session:
+        assert fetch(session) == f"hello pid={session.pid} uid={os.getuid()}\n"
+        assert session.app_root == app
+
+
+@pytest.mark.parametrize("make_spawner", SPAWNERS)
+def test_two_apps_answer_with_their_own_bodies(
+    serve: Callable[..., ApplicationPoolServer],
+    make_spawner: type[Spawner],
+    tmp_path: Path,
+) -> None:
+    first = write_app(tmp_path / "first", HELLO)
+    second = write_app(tmp_path / "second", HELLO.replace('"hello"', '"bonjour"'))
+    pool = serve(make_spawner()).connect()
+    with pool.get(first) as one, pool.get(second) as two:
+        assert fetch(one).startswith("hello ")
+        assert fetch(two).startswith("bonjour ")
+        assert one.pid != two.pid
+
+
+@pytest.mark.parametrize("make_spawner", SPAWNERS)
+def test_a_command_app_is_served(
+    serve: Callable[..., ApplicationPoolServer],
+    make_spawner: type[Spawner],
+    tmp_path: Path,
+) -> None:
+    app = write_command_app(tmp_path / "cmd", greeting="from a command")
+    pool = serve(make_spawner()).connect()
+    with pool.get(app) as session:
+        assert fetch(session) == f"from a command pid={session.pid} uid={os.getuid()}\n"
+
+
+def test_a_smart_worker_has_the_app_imported_already(
+    serve: Callable[..., ApplicationPoolServer], tmp_path: Path
+) -> None:
+    app = write_app(
+        tmp_path / "app",
+        HELLO
+        + """
+import sys
+IMPORTED_AT = os.getpid()
+
+def application(environ, start_response):
+    body = f"{IMPORTED_AT} {os.getpid()} {'passenger_wsgi' in sys.modules}".encode()
+    start_response("200 OK", [])
+    return [body]
+""",
+    )
+    pool = serve(SmartSpawner(), max_pool_size=2).connect()
+    with pool.get(app) as first, pool.get(app) as second:
+        for session in (first, second):
+            imported_at, pid, imported = fetch(session).split()
+            assert int(pid) == session.pid
+            assert int(imported_at) != session.pid  # imported in the preloader
+            assert imported == "True"
+        assert first.pid != second.pid
+
+
+# --- failures --------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("make_spawner", SPAWNERS)
+def test_a_load_error_reaches_the_client_with_its_traceback(
+    serve: Callable[..., ApplicationPoolServer],
+    make_spawner: type[Spawner],
+    tmp_path: Path,
+) -> None:
+    app = write_app(
+        tmp_path / "broken",
+        """
+        print("about to fail")
+
+        def helper():
+            raise RuntimeError("the database is on fire")
+
+        helper()
+        """,
+    )
+    pool = serve(make_spawner()).connect()
+    with pytest.raises(SpawnError) as raised:
+        pool.get(app)
+    assert "RuntimeError: the database is on fire" in str(raised.value)
+    assert "Traceback (most recent call last)" in raised.value.output
+    assert "in helper" in raised.value.output
+    assert "about to fail" in raised.value.output
+
+
+@pytest.mark.parametrize("make_spawner", SPAWNERS)
+def test_an_app_without_application_is_refused(
+    serve: Callable[..., ApplicationPoolServer],
+    make_spawner: type[Spawner],
+    tmp_path: Path,
+) -> None:
+    app = write_app(tmp_path / "app", "app = None\n")
+    pool = serve(make_spawner()).connect()
+    with pytest.raises(SpawnError, match="callable `application`"):
+        pool.get(app)
+
+
+@pytest.mark.parametrize("make_spawner", SPAWNERS)
+def test_an_app_that_exits_while_loading_is_reported(
+    serve: Callable[..., ApplicationPoolServer],
+    make_spawner: type[Spawner],
+    tmp_path: Path,
+) -> None:
+    app = write_app(
+        tmp_path / "app",
+        "import os, sys\nprint('giving up', flush=True)\nos._exit(3)\n",
+    )
+    pool = serve(make_spawner()).connect()
+    with pytest.raises(SpawnError, match="exited") as raised:
+        pool.get(app)
+    assert "giving up" in raised.value.output
+
+
+def test_a_command_that_exits_before_listening_is_reported(
+    serve: Callable[..., ApplicationPoolServer], tmp_path: Path
+) -> None:
+    root = tmp_path / "cmd"
+    root.mkdir()
+    (root / "actorpool.toml").write_text(
+        'command = ["{python}", "-c", '
+        "\"print('no port for you'); raise SystemExit(4)\"]\n"
+    )
+    pool = serve(DirectSpawner()).connect()
+    with pytest.raises(SpawnError, match="status 4") as raised:
+        pool.get(os.fspath(root))
+    assert "no port for you" in raised.value.output
+
+
+@pytest.mark.parametrize("make_spawner", SPAWNERS)
+def test_an_app_root_of_neither_kind_says_what_it_looked_for(
+    serve: Callable[..., ApplicationPoolServer],
+    make_spawner: type[Spawner],
+    tmp_path: Path,
+) -> None:
+    pool = serve(make_spawner()).connect()
+    with pytest.raises(SpawnError, match=r"passenger_wsgi\.py.*actorpool\.toml"):
+        pool.get(tmp_path)
+
+
+@pytest.mark.parametrize("make_spawner", SPAWNERS)
+def test_spawn_timeout_kills_a_slow_start(
+    serve: Callable[..., ApplicationPoolServer],
+    make_spawner: type[Spawner],
+    tmp_path: Path,
+) -> None:
+    app = write_app(
+        tmp_path / "slow",
+        "import sys, threading\nprint('loading', flush=True)\n"
+        "threading.Event().wait()\n",
+    )
+    pool = serve(make_spawner(), spawn_timeout=0.5).connect()
+    with pytest.raises(SpawnError, match="spawn_timeout") as raised:
+        pool.get(app)
+    assert "loading" in raised.value.output or make_spawner is SmartSpawner
+    assert processes_in(tmp_path) == set()  # killed, not left behind
+
+
+# --- death and restarts -----------------------------------------------------------
+
+
+@pytest.mark.parametrize("make_spawner", SPAWNERS)
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGKILL])
+def test_a_killed_instance_is_replaced(
+    serve: Callable[..., ApplicationPoolServer],
+    wait_until: Callable[..., None],
+    make_spawner: type[Spawner],
+    signum: int,
+    tmp_path: Path,
+) -> None:
+    app = write_app(tmp_path / "app")
+    pool = serve(make_spawner()).connect()
+    with pool.get(app) as session:
+        victim = session.pid
+    os.kill(victim, signum)
+    # Noticed within a second: waiting on the server, not on a sleep.
+    wait_until(lambda: pool.count == 0, timeout=1.0, what="the death noticed")
+    with pool.get(app) as session:
+        assert session.pid != victim
+        assert fetch(session).startswith("hello ")
+
+
+@pytest.mark.parametrize("make_spawner", SPAWNERS)
+def test_restart_txt_loads_the_new_code(
+    serve: Callable[..., ApplicationPoolServer],
+    make_spawner: type[Spawner],
+    tmp_path: Path,
+) -> None:
+    app = write_app(tmp_path / "app")
+    pool = serve(make_spawner(), restart_check_interval=0).connect()
+    with pool.get(app) as session:
+        assert fetch(session).startswith("hello ")
+    write_app(tmp_path / "app", HELLO.replace('"hello"', '"changed"'))
+    Path(app, "tmp", "restart.txt").touch()
+    with pool.get(app) as session:
+        assert fetch(session).startswith("changed ")
+
+
+@pytest.mark.parametrize("make_spawner", SPAWNERS)
+def test_restart_txt_may_be_a_directory(
+    serve: Callable[..., ApplicationPoolServer],
+    make_spawner: type[Spawner],
+    tmp_path: Path,
+) -> None:
+    app = write_app(tmp_path / "app")
+    pool = serve(make_spawner(), restart_check_interval=0).connect()
+    with pool.get(app) as session:
+        fetch(session)
+    write_app(tmp_path / "app", HELLO.replace('"hello"', '"changed"'))
+    Path(app, "tmp", "restart.txt").mkdir()
+    with pool.get(app) as session:
+        assert fetch(session).startswith("changed ")
+
+
+@pytest.mark.parametrize("make_spawner", SPAWNERS)
+def test_always_restart_txt_restarts_on_every_get(
+    serve: Callable[..., ApplicationPoolServer],
+    make_spawner: type[Spawner],
+    tmp_path: Path,
+) -> None:
+    app = write_app(tmp_path / "app")
+    Path(app, "tmp", "always_restart.txt").touch()
+    pool = serve(make_spawner(), restart_check_interval=0).connect()
+    pids = set()
+    for round_ in range(3):
+        write_app(tmp_path / "app", HELLO.replace('"hello"', f'"round{round_}"'))
+        with pool.get(app) as session:
+            assert fetch(session).startswith(f"round{round_} ")
+            pids.add(session.pid)
+    assert len(pids) == 3
+
+
+def test_restart_app_restarts_the_preloader(
+    serve: Callable[..., ApplicationPoolServer], tmp_path: Path
+) -> None:
+    app = write_app(tmp_path / "app")
+    pool = serve(SmartSpawner()).connect()
+    with pool.get(app) as session:
+        fetch(session)
+    write_app(tmp_path / "app", HELLO.replace('"hello"', '"restarted"'))
+    pool.restart_app(app)
+    with pool.get(app) as session:
+        assert fetch(session).startswith("restarted ")
+
+
+def test_an_idle_preloader_is_stopped_and_its_workers_live_on(
+    serve: Callable[..., ApplicationPoolServer],
+    wait_until: Callable[..., None],
+    tmp_path: Path,
+) -> None:
+    app = write_app(tmp_path / "app")
+    pool = serve(SmartSpawner(max_preloader_idle_time=0.2)).connect()
+    with pool.get(app) as session:
+        worker = session.pid
+        assert len(processes_in(tmp_path)) == 2  # the preloader and the worker
+        wait_until(
+            lambda: processes_in(tmp_path) == {worker},
+            timeout=5,
+            what="the preloader to stop",
+        )
+        assert fetch(session).startswith("hello ")
+    with pool.get(app) as session:  # the same worker, idle in the pool
+        assert session.pid == worker
+
+
+# --- nothing outlives the server ---------------------------------------------------
+
+
+def start_instances(pool: Any, tmp_path: Path) -> set[int]:
+    """A WSGI app and a command app, two processes each; their pids."""
+    wsgi = write_app(tmp_path / "wsgi")
+    command = write_command_app(tmp_path / "cmd")
+    sessions = [pool.get(app) for app in (wsgi, wsgi, command, command)]
+    pids = {session.pid for session in sessions}
+    for session in sessions:
+        session.close()
+    return pids
+
+
+@pytest.mark.parametrize("make_spawner", SPAWNERS)
+def test_close_stops_every_process(
+    make_spawner: type[Spawner], tmp_path: Path, wait_until: Callable[..., None]
+) -> None:
+    server = ApplicationPoolServer(PoolConfig(user=me()), spawner=make_spawner())
+    try:
+        pool = server.connect()
+        pids = start_instances(pool, tmp_path)
+        everything = processes_in(tmp_path)
+        assert pids <= everything
+        pool.close()
+    finally:
+        server.close()
+    wait_until(lambda: not processes_in(tmp_path), timeout=2, what="all gone")
+
+
+@pytest.mark.parametrize("make_spawner", SPAWNERS)
+def test_sigkill_of_the_server_stops_every_process(
+    make_spawner: type[Spawner], tmp_path: Path, wait_until: Callable[..., None]
+) -> None:
+    server = ApplicationPoolServer(PoolConfig(user=me()), spawner=make_spawner())
+    try:
+        pool = server.connect()
+        start_instances(pool, tmp_path)
+        assert processes_in(tmp_path)
+        os.kill(server.pid, signal.SIGKILL)
+        wait_until(lambda: not processes_in(tmp_path), timeout=2, what="all gone")
+        pool.close()
+    finally:
+        server.close()
+
+
+CREATOR = """
+import sys
+from actorpool import ApplicationPoolServer, PoolConfig
+from actorpool.spawners import DirectSpawner, SmartSpawner
+
+spawner = {"direct": DirectSpawner, "smart": SmartSpawner}[sys.argv[1]]()
+server = ApplicationPoolServer(PoolConfig(user=sys.argv[2]), spawner=spawner)
+pool = server.connect()
+sessions = [pool.get(app) for app in sys.argv[3:]]
+print(server.pid, *(session.pid for session in sessions), flush=True)
+sys.stdin.read()  # until killed
+"""
+
+
+@pytest.mark.parametrize("kind", ["direct", "smart"])
+def test_sigkill_of_the_creator_stops_every_process(
+    kind: str, tmp_path: Path, wait_until: Callable[..., None]
+) -> None:
+    wsgi = write_app(tmp_path / "wsgi")
+    command = write_command_app(tmp_path / "cmd")
+    creator = subprocess.Popen(
+        [sys.executable, "-c", CREATOR, kind, me(), wsgi, wsgi, command],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        cwd=tmp_path,
+    )
+    try:
+        assert creator.stdout is not None
+        server_pid, *pids = map(int, creator.stdout.readline().split())
+        assert len(set(pids)) == 3
+        assert set(pids) <= processes_in(tmp_path)
+        creator.kill()
+        creator.wait()
+        wait_until(lambda: not processes_in(tmp_path), timeout=2, what="all gone")
+        wait_until(lambda: not alive(server_pid), timeout=2, what="server gone")
+    finally:
+        creator.kill()
+        creator.wait()
+        assert creator.stdin is not None
+        assert creator.stdout is not None
+        creator.stdin.close()
+        creator.stdout.close()
+
+
+# --- sockets and output ------------------------------------------------------------
+
+
+@pytest.mark.parametrize("make_spawner", SPAWNERS)
+def test_sockets_live_in_a_private_directory_removed_at_close(
+    make_spawner: type[Spawner], tmp_path: Path
+) -> None:
+    app = write_app(tmp_path / "app")
+    server = ApplicationPoolServer(PoolConfig(user=me()), spawner=make_spawner())
+    try:
+        pool = server.connect()
+        with pool.get(app) as session:
+            address = session.socket.getpeername()
+            directory = os.path.dirname(address)
+            mode = os.stat(directory).st_mode
+            assert stat.S_IMODE(mode) == 0o700
+            assert os.stat(directory).st_uid == os.geteuid()
+        pool.close()
+    finally:
+        server.close()
+    assert not os.path.exists(directory)
+
+
+def test_app_output_reaches_the_server_log_tagged_with_app_and_pid(
+    serve: Callable[..., ApplicationPoolServer],
+    tmp_path: Path,
+    capfd: pytest.CaptureFixture[str],
+) -> None:
+    app = write_app(
+        tmp_path / "app",
+        HELLO + "\nprint('loading the talkative app', flush=True)\n",
+    )
+    logger = logging.getLogger("actorpool")
+    level = logger.level
+    logger.setLevel(logging.INFO)  # the server takes its level from ours
+    try:
+        server = serve(DirectSpawner())
+    finally:
+        logger.setLevel(level)
+    pool = server.connect()
+    with pool.get(app) as session:
+        pid = session.pid
+    server.close()
+    err = capfd.readouterr().err
+    assert f"{app} worker pid {pid}: loading the talkative app" in err
+
+
+# --- privilege drop (the server runs as root) ---------------------------------------
+
+needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="needs root")
+
+
+def write_uid_app(root: Path, owner: int) -> str:
+    """A command app on the system interpreter (reachable by any user) that
+    answers with its uid; its startup file owned by ``owner``."""
+    root.mkdir(parents=True)
+    (root / "server.py").write_text(ECHO_SERVER)
+    (root / "actorpool.toml").write_text(
+        'command = ["/usr/bin/python3", "server.py", "{socket}"]\n'
+        '[env]\nGREETING = "uid"\n'
+    )
+    os.chown(root / "actorpool.toml", owner, owner)
+    for path in (root, root / "server.py"):
+        path.chmod(0o755)
+    return os.fspath(root)
+
+
+@pytest.fixture
+def public_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A directory other users can enter (pytest's own are 0700)."""
+    path = tmp_path_factory.mktemp("public")
+    path.chmod(0o755)
+    for parent in path.parents:
+        if parent == Path("/tmp") or parent == parent.parent:
+            break
+        parent.chmod(parent.stat().st_mode | 0o005)
+    return path
+
+
+def uid_of(session: Session) -> int:
+    return int(fetch(session).split("uid=")[1])
+
+
+@needs_root
+@pytest.mark.skipif(not os.path.exists("/usr/bin/python3"), reason="no system python")
+@pytest.mark.parametrize(
+    ("owner", "configured", "expected"),
+    [
+        ("root", None, "nobody"),  # Passenger's rule: never root by default
+        ("daemon", None, "daemon"),  # the startup file's owner
+        ("daemon", "nobody", "nobody"),  # PoolConfig.user wins
+    ],
+)
+def test_a_root_server_runs_apps_as_a_lesser_user(
+    owner: str,
+    configured: str | None,
+    expected: str,
+    public_dir: Path,
+) -> None:
+    app = write_uid_app(public_dir / "app", pwd.getpwnam(owner).pw_uid)
+    server = ApplicationPoolServer(PoolConfig(user=configured), spawner=DirectSpawner())
+    try:
+        pool = server.connect()
+        with pool.get(app) as session:
+            assert uid_of(session) == pwd.getpwnam(expected).pw_uid
+            directory = os.path.dirname(session.socket.getpeername())
+            assert os.stat(directory).st_uid == pwd.getpwnam(expected).pw_uid
+            assert stat.S_IMODE(os.stat(directory).st_mode) == 0o700
+        pool.close()
+    finally:
+        server.close()
+    assert not os.path.exists(directory)
+
+
+def test_naming_another_user_without_root_fails_the_spawn(
+    serve: Callable[..., ApplicationPoolServer], tmp_path: Path
+) -> None:
+    if os.geteuid() == 0:
+        pytest.skip("root may switch users")
+    pool = serve(DirectSpawner(), user="nobody").connect()
+    with pytest.raises(SpawnError, match="only a pool server running as root"):
+        pool.get(write_app(tmp_path / "app"))
