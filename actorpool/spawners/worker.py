@@ -16,11 +16,11 @@ The preloader of :class:`~actorpool.spawners.SmartSpawner` uses
 from __future__ import annotations
 
 import contextlib
-import importlib.util
 import os
 import socket
 import sys
 import traceback
+import types
 from typing import Any
 
 from actorpool.spawners.approot import WSGI_FILE
@@ -44,13 +44,17 @@ def load_application(app_root: str) -> WSGIApp:
     os.chdir(app_root)
     sys.path.insert(0, app_root)
     path = os.path.join(app_root, WSGI_FILE)
+    # Compiled from source every time, never from __pycache__: a .pyc is
+    # trusted when the source's mtime (in whole seconds) and size match, so an
+    # edit of the same size within a second of the last load would be missed
+    # on restart.
+    module = types.ModuleType("passenger_wsgi")
+    module.__file__ = path
+    sys.modules["passenger_wsgi"] = module
     try:
-        spec = importlib.util.spec_from_file_location("passenger_wsgi", path)
-        assert spec is not None
-        assert spec.loader is not None
-        module = importlib.util.module_from_spec(spec)
-        sys.modules["passenger_wsgi"] = module
-        spec.loader.exec_module(module)
+        with open(path, "rb") as file:
+            code = compile(file.read(), path, "exec")
+        exec(code, module.__dict__)
     except BaseException as exc:
         raise LoadError(
             f"{path} raised {type(exc).__name__}: {exc}", traceback.format_exc()
