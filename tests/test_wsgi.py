@@ -24,6 +24,8 @@ from typing import Any
 
 import pytest
 
+from actorpool.frontend.proxy import SCRIPT_NAME_HEADER
+from actorpool.spawners import wsgi
 from actorpool.spawners.wsgi import (
     StartResponse,
     WSGIApp,
@@ -254,6 +256,31 @@ def test_environ_as_seen_by_the_app(serve: Callable[[WSGIApp], Server]) -> None:
     assert {key: environ.get(key) for key in expected} == expected
     assert "HTTP_CONTENT_LENGTH" not in environ
     assert "HTTP_CONTENT_TYPE" not in environ
+
+
+def test_script_name_header_becomes_script_name(
+    serve: Callable[[WSGIApp], Server],
+) -> None:
+    seen: list[Environ] = []
+    server = serve(recording_app(seen))
+    with server.connect() as conn:
+        conn.request(
+            "GET", "/rest%21?q=1", headers={"X-Actorpool-Script-Name": "/my%20blog"}
+        )
+        assert conn.getresponse().read() == b""
+        conn.request("GET", "/plain")
+        assert conn.getresponse().read() == b""
+
+    mounted, plain = seen
+    assert (mounted["SCRIPT_NAME"], mounted["PATH_INFO"]) == ("/my blog", "/rest!")
+    assert mounted["QUERY_STRING"] == "q=1"
+    assert "HTTP_X_ACTORPOOL_SCRIPT_NAME" not in mounted
+    assert (plain["SCRIPT_NAME"], plain["PATH_INFO"]) == ("", "/plain")
+
+
+def test_the_worker_reads_the_header_the_proxy_sets() -> None:
+    variable = "HTTP_" + SCRIPT_NAME_HEADER.upper().replace("-", "_")
+    assert variable == wsgi._SCRIPT_NAME_VARIABLE
 
 
 BODY = b"first line\nsecond line\n" + b"x" * 200_000 + b"\n\nlast, unterminated"

@@ -67,6 +67,12 @@ _WSGI_CONSTANTS: dict[str, Any] = {
 }
 """Environ entries that are the same for every request."""
 
+_SCRIPT_NAME_VARIABLE = "HTTP_X_ACTORPOOL_SCRIPT_NAME"
+"""The environ key of the header that ``actorpool serve``'s proxy
+(:data:`actorpool.frontend.proxy.SCRIPT_NAME_HEADER`) sets to the prefix the
+app is mounted at, %-encoded like the path. It becomes ``SCRIPT_NAME``; the
+proxy removes any a client sent, so the worker can trust it."""
+
 _UNPREFIXED_HEADERS = {
     b"content-type": "CONTENT_TYPE",
     b"content-length": "CONTENT_LENGTH",
@@ -251,11 +257,14 @@ def _environ(
     path, _, query = request.target.partition(b"?")
     environ = dict(_WSGI_CONSTANTS)
     environ.update(_header_variables(request.headers))
+    script_name = environ.pop(_SCRIPT_NAME_VARIABLE, None)
+    if script_name is not None:
+        environ["SCRIPT_NAME"] = _unquote(script_name.encode("latin-1"))
     name, port = _server_address(environ.get("HTTP_HOST"), server_name)
     environ.update(
         {
             "REQUEST_METHOD": request.method.decode("ascii"),
-            "PATH_INFO": urllib.parse.unquote_to_bytes(path).decode("latin-1"),
+            "PATH_INFO": _unquote(path),
             "QUERY_STRING": query.decode("latin-1"),
             "SERVER_NAME": name,
             "SERVER_PORT": port,
@@ -265,6 +274,11 @@ def _environ(
         }
     )
     return environ
+
+
+def _unquote(raw: bytes) -> str:
+    """A %-encoded URL part as PEP 3333 wants it: decoded bytes, as latin-1."""
+    return urllib.parse.unquote_to_bytes(raw).decode("latin-1")
 
 
 def _header_variables(headers: Iterable[tuple[bytes, bytes]]) -> dict[str, str]:

@@ -1,0 +1,375 @@
+"""The master process of ``actorpool serve``: the seed's picture as a command.
+
+The master binds the TCP address, creates the pool server, and forks the
+front-end workers (and the metrics process, if asked for), which all
+connect to the pool and detach, as the seed's children do. It stays
+single-threaded, so it can fork a replacement whenever a worker dies. It
+waits in one ``select`` on its signal pipe and its status socket; signal
+handlers only write to that pipe (gunicorn's arbiter does the same).
+
+- SIGTERM, SIGINT: stop; workers finish their requests within the grace
+  period; the pool server and every app process stop; exit 0.
+- SIGHUP: restart every app (new processes for new requests; busy ones
+  finish first).
+- A worker that dies is replaced.
+
+The status socket (in a private runtime directory) answers ``actorpool
+status`` and ``actorpool restart-app``: one JSON request line, one JSON reply.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import logging
+import os
+import select
+import signal
+import socket
+import stat
+import sys
+import time
+from typing import Any
+
+from actorpool.config import PoolConfig
+from actorpool.errors import ActorPoolError
+from actorpool.frontend.worker import WorkerOptions, run_worker
+from actorpool.server import ApplicationPoolServer
+from actorpool.spawner import Spawner
+
+__all__ = ["ServeOptions", "default_runtime_dir", "serve"]
+
+logger = logging.getLogger("actorpool.frontend")
+
+STATUS_TIMEOUT = 5.0
+"""Seconds a status client may take to send its request."""
+
+KILL_AFTER_GRACE = 5.0
+"""Seconds past the grace period after which stopping workers are killed."""
+
+
+@dataclasses.dataclass(frozen=True)
+class ServeOptions:
+    """Everything ``actorpool serve`` was told."""
+
+    host: str
+    port: int
+    workers: int
+    worker: WorkerOptions
+    pool: PoolConfig
+    spawner: Spawner
+    runtime_dir: str
+    metrics: tuple[str, int] | None = None
+
+
+def default_runtime_dir() -> str:
+    """``$XDG_RUNTIME_DIR/actorpool``, else ``/tmp/actorpool-UID``."""
+    base = os.environ.get("XDG_RUNTIME_DIR")
+    if base:
+        return os.path.join(base, "actorpool")
+    return f"/tmp/actorpool-{os.geteuid()}"
+
+
+def private_dir(path: str) -> str:
+    """Create ``path`` mode 0700, or check that it is ours and private."""
+    os.makedirs(path, mode=0o700, exist_ok=True)
+    info = os.lstat(path)
+    if not stat.S_ISDIR(info.st_mode) or info.st_uid != os.geteuid():
+        raise ActorPoolError(f"{path} is not a directory of this user")
+    if stat.S_IMODE(info.st_mode) & 0o077:
+        raise ActorPoolError(f"{path} is open to other users (mode must be 0700)")
+    return path
+
+
+def serve(options: ServeOptions) -> int:
+    """Run until SIGTERM or SIGINT; the exit status."""
+    listener = socket.create_server((options.host, options.port), backlog=1024)
+    master = _Master(options, listener)
+    try:
+        return master.run()
+    finally:
+        master.close()
+
+
+class _Master:
+    def __init__(self, options: ServeOptions, listener: socket.socket) -> None:
+        self.options = options
+        self.listener = listener
+        self.started = time.time()
+        self.workers: set[int] = set()
+        self.metrics_pid = 0
+        self.stopping = False
+        self.status_code = 0
+        self.server: ApplicationPoolServer | None = None
+        self.status: socket.socket | None = None
+        self.status_path = os.path.join(
+            private_dir(options.runtime_dir), f"serve-{os.getpid()}.sock"
+        )
+        self.wake_r, self.wake_w = os.pipe()
+
+    def run(self) -> int:
+        os.set_blocking(self.wake_w, False)
+        signal.set_wakeup_fd(self.wake_w)
+        for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD):
+            signal.signal(signum, lambda *_: None)  # the wakeup fd says which
+        self.server = ApplicationPoolServer(
+            self.options.pool, spawner=self.options.spawner
+        )
+        self.status = _listen_private(self.status_path)
+        host, port = self.listener.getsockname()[:2]
+        print(
+            f"actorpool serve: http://{host}:{port}/ (master pid {os.getpid()}, "
+            f"pool server pid {self.server.pid})\n"
+            f"actorpool serve: status socket {self.status_path}",
+            flush=True,
+        )
+        for _ in range(self.options.workers):
+            self._fork_worker()
+        if self.options.metrics is not None:
+            self._fork_metrics()
+        while not self.stopping:
+            status_fd = self.status.fileno()
+            readable, _, _ = select.select([self.wake_r, status_fd], [], [])
+            if status_fd in readable:
+                self._answer_status()
+            if self.wake_r in readable:
+                self._on_signals(os.read(self.wake_r, 512))
+        self._stop_children()
+        return self.status_code
+
+    def close(self) -> None:
+        signal.set_wakeup_fd(-1)
+        if self.server is not None:
+            self.server.close()
+        if self.status is not None:
+            self.status.close()
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.status_path)
+        self.listener.close()
+        os.close(self.wake_r)
+        os.close(self.wake_w)
+
+    # --- signals -------------------------------------------------------------------
+
+    def _on_signals(self, data: bytes) -> None:
+        if signal.SIGCHLD in data:
+            self._reap()
+        if signal.SIGHUP in data:
+            self._restart_all()
+        if signal.SIGTERM in data or signal.SIGINT in data:
+            logger.info("stopping (graceful, %.0f s)", self.options.worker.grace)
+            self.stopping = True
+
+    def _reap(self) -> None:
+        while True:
+            try:
+                pid, status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                return
+            if pid == 0:
+                return
+            if pid in self.workers:
+                self.workers.discard(pid)
+                if not self.stopping:
+                    logger.warning(
+                        "worker %d exited (%s); starting another", pid, _how(status)
+                    )
+                    self._fork_worker()
+            elif self.server is not None and pid == self.server.pid:
+                # Reaped here rather than by server.close(), which copes.
+                logger.critical("the pool server exited (%s); stopping", _how(status))
+                self.stopping = True
+                self.status_code = 1
+            elif pid == self.metrics_pid:
+                self.metrics_pid = 0
+                if not self.stopping:
+                    logger.warning("metrics process %d exited; restarting", pid)
+                    self._fork_metrics()
+
+    def _restart_all(self) -> None:
+        assert self.server is not None
+        pool = self.server.connect()
+        try:
+            apps = {route.app_root for route in self.options.worker.router.routes}
+            apps.update(app.app_root for app in pool.statistics().apps)
+            for app_root in sorted(apps):
+                pool.restart_app(app_root)
+            logger.info("SIGHUP: restarted %d app(s)", len(apps))
+        except ActorPoolError as exc:
+            logger.error("SIGHUP: restarting the apps failed: %s", exc)
+        finally:
+            pool.close()
+
+    # --- children ------------------------------------------------------------------
+
+    def _fork_worker(self) -> None:
+        assert self.server is not None
+        assert self.status is not None
+        pid = os.fork()
+        if pid == 0:
+            status = 1
+            try:
+                status = run_worker(
+                    self.listener, self.server, self.options.worker, self._inherited()
+                )
+            except BaseException:
+                logger.exception("front-end worker %d failed", os.getpid())
+            finally:
+                _exit(status)
+        self.workers.add(pid)
+
+    def _fork_metrics(self) -> None:
+        assert self.server is not None
+        assert self.options.metrics is not None
+        pid = os.fork()
+        if pid == 0:
+            status = 1
+            try:
+                status = self._run_metrics()
+            except BaseException:
+                logger.exception("metrics process %d failed", os.getpid())
+            finally:
+                _exit(status)
+        self.metrics_pid = pid
+
+    def _run_metrics(self) -> int:
+        from actorpool.frontend.metrics import serve_metrics
+
+        assert self.server is not None
+        assert self.options.metrics is not None
+        for fd in self._inherited():
+            os.close(fd)
+        self.listener.close()
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)
+        pool = self.server.connect()
+        self.server.detach()
+        host, port = self.options.metrics
+        serve_metrics(host, port, lambda: self._status_data(pool))
+        return 0
+
+    def _inherited(self) -> list[int]:
+        """The master's descriptors a child must close."""
+        assert self.status is not None
+        signal.set_wakeup_fd(-1)
+        return [self.wake_r, self.wake_w, self.status.detach()]
+
+    def _stop_children(self) -> None:
+        children = set(self.workers)
+        if self.metrics_pid:
+            children.add(self.metrics_pid)
+        for pid in children:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGTERM)
+        deadline = time.monotonic() + self.options.worker.grace + KILL_AFTER_GRACE
+        while children:
+            try:
+                pid, _ = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                return
+            if pid:
+                children.discard(pid)
+                continue
+            if time.monotonic() > deadline:
+                for pid in children:
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(pid, signal.SIGKILL)
+                deadline = float("inf")
+            select.select([self.wake_r], [], [], 0.1)  # woken by SIGCHLD
+            with contextlib.suppress(BlockingIOError):
+                os.read(self.wake_r, 512)
+
+    # --- the status socket -------------------------------------------------------
+
+    def _answer_status(self) -> None:
+        assert self.status is not None
+        try:
+            conn, _ = self.status.accept()
+        except OSError:
+            return
+        with conn:
+            conn.settimeout(STATUS_TIMEOUT)
+            try:
+                request = json.loads(_read_line(conn))
+                reply = self._status_request(request)
+            except (OSError, ValueError) as exc:
+                reply = {"error": f"bad request: {exc}"}
+            except ActorPoolError as exc:
+                reply = {"error": str(exc)}
+            with contextlib.suppress(OSError):
+                conn.sendall(json.dumps(reply).encode() + b"\n")
+
+    def _status_request(self, request: Any) -> dict[str, Any]:
+        assert self.server is not None
+        command = request.get("command") if isinstance(request, dict) else None
+        pool = self.server.connect()
+        try:
+            if command == "status":
+                return self._status_data(pool)
+            if command == "restart-app":
+                app_root = request.get("app_root")
+                if not isinstance(app_root, str) or not os.path.isabs(app_root):
+                    return {"error": "restart-app needs an absolute app_root"}
+                pool.restart_app(app_root)
+                return {"restarted": app_root}
+            return {"error": f"unknown command {command!r}"}
+        finally:
+            pool.close()
+
+    def _status_data(self, pool: Any) -> dict[str, Any]:
+        from actorpool.frontend.status import status_data
+
+        assert self.server is not None
+        return status_data(
+            pool.statistics(),
+            server_pid=self.server.pid,
+            started=self.started,
+            extra={
+                "master_pid": os.getpid(),
+                "workers": sorted(self.workers),
+                "bind": f"{self.options.host}:{self.options.port}",
+                "routes": [
+                    dataclasses.asdict(route)
+                    for route in self.options.worker.router.routes
+                ],
+            },
+        )
+
+
+def _listen_private(path: str) -> socket.socket:
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(path)
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    old = os.umask(0o177)  # the socket file is created 0600
+    try:
+        sock.bind(path)
+    finally:
+        os.umask(old)
+    sock.listen(16)
+    return sock
+
+
+def _read_line(conn: socket.socket, limit: int = 65536) -> bytes:
+    data = b""
+    while not data.endswith(b"\n"):
+        chunk = conn.recv(4096)
+        if not chunk:
+            break
+        data += chunk
+        if len(data) > limit:
+            raise ValueError("request too long")
+    return data
+
+
+def _how(status: int) -> str:
+    if os.WIFSIGNALED(status):
+        return f"killed by signal {os.WTERMSIG(status)}"
+    return f"status {os.waitstatus_to_exitcode(status)}"
+
+
+def _exit(status: int) -> None:
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(status)
