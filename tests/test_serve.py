@@ -279,7 +279,7 @@ def in_thread(function: Callable[[], object]) -> tuple[threading.Thread, list[ob
     return thread, result
 
 
-def wait_for(predicate: Callable[[], object], what: str, timeout: float = 10) -> None:
+def wait_for(predicate: Callable[[], object], what: str, timeout: float = 30) -> None:
     deadline = time.monotonic() + timeout
     while not predicate():
         if time.monotonic() > deadline:

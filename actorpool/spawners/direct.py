@@ -168,8 +168,10 @@ def start_direct(
     return PopenInstance(process, int(message[1]), address, output)
 
 
-KILLED_OUTPUT_WAIT = 1.0
-"""Seconds a failed start waits for the rest of the process's output."""
+KILLED_OUTPUT_WAIT = 5.0
+"""Most seconds a failed start waits for the rest of the process's output.
+The process is dead by then, so the end of its output is normally at hand;
+the bound is for a machine too loaded to read it at once."""
 
 
 def _as(user: RunAs | None) -> str:
