@@ -41,7 +41,10 @@ SHUTDOWN: Final = b"shutdown"
 ACCEPTED: Final = b"accepted"
 """The acceptor's answer; the new connection's descriptor rides along."""
 REFUSED: Final = b"refused"
-"""The acceptor's answer when it could not make a connection (no descriptor)."""
+"""The acceptor's answer when it will not or cannot make a connection (no
+descriptor). A reason may follow, after a space."""
+
+DEFAULT_MAX_CLIENTS: Final = 1024
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -60,9 +63,11 @@ class AcceptorActor(pykka.ThreadingActor):
         channel: socket.socket,
         registry: pykka.ActorRef[Any],
         on_close: Callable[[], None],
+        max_clients: int = DEFAULT_MAX_CLIENTS,
     ) -> None:
         super().__init__()
         self._channel = channel
+        self._max_clients = max_clients
         self._registry = registry
         self._on_close = on_close
         self._client_ids = itertools.count(1)
@@ -118,12 +123,19 @@ class AcceptorActor(pykka.ThreadingActor):
         self._on_close()
 
     def _accept(self) -> None:
+        self._clients = [c for c in self._clients if c.is_alive()]
+        if len(self._clients) >= self._max_clients:
+            logger.warning(
+                "refusing a connection: %d clients already (max_clients)",
+                len(self._clients),
+            )
+            self._refuse(f"max_clients={self._max_clients} reached")
+            return
         try:
             ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         except OSError as exc:  # out of descriptors, say: refuse, do not hang
             logger.error("cannot make a connection: %s", exc)
-            with contextlib.suppress(OSError):
-                self._channel.send(REFUSED)
+            self._refuse(f"errno {exc.errno}")
             return
         try:
             send_fd(self._channel, ACCEPTED, theirs.fileno())
@@ -136,7 +148,6 @@ class AcceptorActor(pykka.ThreadingActor):
             raise
         finally:
             theirs.close()
-        self._clients = [c for c in self._clients if c.is_alive()]
         client_id = next(self._client_ids)
         try:
             client = ClientSessionActor.start(
@@ -149,6 +160,10 @@ class AcceptorActor(pykka.ThreadingActor):
             ours.close()
             return
         self._clients.append(client)
+
+    def _refuse(self, reason: str) -> None:
+        with contextlib.suppress(OSError):
+            self._channel.send(REFUSED + b" " + reason.encode()[:50])
 
     def _read(self) -> None:
         while True:

@@ -46,6 +46,10 @@ class PoolConfig:
     """Least seconds between two looks at an app's ``tmp/restart.txt`` and
     ``tmp/always_restart.txt``; 0 looks on every get."""
 
+    max_clients: int = 1024
+    """Client connections open at once; one more is refused with a clear
+    error (each costs the server a thread and a socket)."""
+
     user: str | None = None
     """Who application processes run as when the server runs as root. None
     follows Passenger: the owner of the app's startup file, or ``nobody``
@@ -59,6 +63,7 @@ class PoolConfig:
         _check_int("min_instances", self.min_instances, minimum=0)
         _check_int("max_requests", self.max_requests, minimum=0)
         _check_int("max_queue_size", self.max_queue_size, minimum=0)
+        _check_int("max_clients", self.max_clients, minimum=1)
         _check_seconds("max_idle_time", self.max_idle_time, allow_zero=True)
         _check_seconds("spawn_timeout", self.spawn_timeout, allow_zero=False)
         _check_seconds(

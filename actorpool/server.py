@@ -34,7 +34,7 @@ from typing import IO, Any
 
 import pykka
 
-from actorpool.acceptor import ACCEPTED, CONNECT, SHUTDOWN, AcceptorActor
+from actorpool.acceptor import ACCEPTED, CONNECT, REFUSED, SHUTDOWN, AcceptorActor
 from actorpool.client import ApplicationPool
 from actorpool.config import PoolConfig
 from actorpool.errors import ActorPoolError, RemoteProtocolError, ServerGoneError
@@ -137,6 +137,11 @@ class ApplicationPoolServer:
                 os.close(fd)
             if not data:
                 raise ServerGoneError("the pool server has stopped")
+            if data.split(b" ", 1)[0] == REFUSED:
+                reason = data[len(REFUSED) :].decode(errors="replace").strip()
+                raise ActorPoolError(
+                    f"the pool server refused the connection ({reason or 'no reason'})"
+                )
             raise RemoteProtocolError(
                 f"unexpected answer on the connect channel: {data!r}"
             )
@@ -278,7 +283,14 @@ def _run_server(boot: _Bootstrap, status: Any) -> None:
         started.append(spawner)
         registry = RegistryActor.start(boot.config, spawner, on_fatal=stopping.set)
         started.append(registry)
-        started.append(AcceptorActor.start(channel, registry, on_close=stopping.set))
+        started.append(
+            AcceptorActor.start(
+                channel,
+                registry,
+                on_close=stopping.set,
+                max_clients=boot.config.max_clients,
+            )
+        )
     except BaseException as exc:
         status.write(f"{exc!r}\n".encode())
         _stop_all(started)

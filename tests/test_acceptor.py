@@ -156,10 +156,43 @@ def test_a_connect_it_cannot_serve_is_refused_not_left_hanging(
     with monkeypatch.context() as patch:
         patch.setattr(socket, "socketpair", exhausted)
         rig.channel.send(CONNECT)
-        assert recv_fd(rig.channel, 64) == (REFUSED, None)
+        data, fd = recv_fd(rig.channel, 64)
+        assert fd is None
+        assert data.startswith(REFUSED + b" ")
 
     assert rig.connect().handshake().client_id == 1  # and it carries on
     assert rig.acceptor.is_alive()
+
+
+def test_a_connection_beyond_max_clients_is_refused_until_one_leaves() -> None:
+    reports: queue.Queue[Any] = queue.Queue()
+    registry = Recorder.start(reports)
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    theirs.settimeout(WAIT)
+    acceptor = AcceptorActor.start(
+        ours, registry, on_close=threading.Event().set, max_clients=2
+    )
+    rig = Rig(acceptor, reports, theirs, threading.Event())
+    try:
+        first, second = rig.connect(), rig.connect()
+        for peer in (first, second):
+            peer.handshake()
+            take(reports, ClientAttached)
+
+        theirs.send(CONNECT)
+        data, fd = recv_fd(theirs, 64)
+        assert fd is None
+        assert data == REFUSED + b" max_clients=2 reached"
+        second.sock.sendall(second.conn.send(Get(1, "/srv/a")))
+        assert take(reports, ClientRequest).client_id == 2
+
+        first.sock.close()
+        assert take(reports, ClientDetached).client_id == 1
+        assert rig.connect().handshake().client_id == 3
+    finally:
+        for peer in rig.peers:
+            peer.sock.close()
+        theirs.close()
 
 
 def test_a_client_actor_that_cannot_start_costs_that_client_only(

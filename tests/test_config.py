@@ -18,6 +18,7 @@ INT_FIELDS = {
     "min_instances": 0,
     "max_requests": 0,
     "max_queue_size": 0,
+    "max_clients": 1,
 }
 """Each int field and its smallest legal value."""
 
