@@ -142,7 +142,12 @@ class ApplicationPool:
         self._sock = sock
         self._forks = _forks  # see _check_process
         self._conn = Connection(Role.CLIENT)
-        self._cond = threading.Condition()
+        self._lock = threading.RLock()
+        self._cond = threading.Condition(self._lock)
+        # Threads waiting for a reply while another thread reads the socket,
+        # each on a condition of its own: the reader wakes just the threads
+        # whose replies came in (and one successor when it leaves), not all.
+        self._followers: dict[int, threading.Condition] = {}
         self._reading = False
         self._replies: dict[int, Reply | WireMessage] = {}
         self._abandoned: set[int] = set()
@@ -259,7 +264,8 @@ class ApplicationPool:
         with self._cond:
             if self._error is None:
                 self._error = ServerGoneError("this ApplicationPool was closed")
-            self._cond.notify_all()
+            for follower in self._followers.values():
+                follower.notify()
         with contextlib.suppress(OSError):
             self._sock.shutdown(socket.SHUT_RDWR)
         self._sock.close()
@@ -318,26 +324,19 @@ class ApplicationPool:
         """Block until the reply to ``request_id`` (0: the welcome) is in."""
         try:
             with self._cond:
-                while request_id not in self._replies:
-                    if self._error is not None:
-                        raise self._error
-                    if self._reading:
-                        self._cond.wait()
-                        continue
-                    self._reading = True
-                    try:
-                        self._cond.release()
-                        try:
-                            data = self._sock.recv(_RECV_SIZE)
-                        except OSError:
-                            data = b""
-                        finally:
-                            self._cond.acquire()
-                        self._feed(data)
-                    finally:
-                        self._reading = False
-                        self._cond.notify_all()
-                return self._replies.pop(request_id)
+                try:
+                    while request_id not in self._replies:
+                        if self._error is not None:
+                            raise self._error
+                        if self._reading:
+                            self._follow(request_id)
+                        else:
+                            self._lead()
+                    return self._replies.pop(request_id)
+                finally:
+                    self._followers.pop(request_id, None)
+                    if not self._reading:
+                        self._hand_over()
         except BaseException:
             # Interrupted (KeyboardInterrupt, say): if a session is granted
             # later, give it straight back instead of leaking it.
@@ -345,6 +344,38 @@ class ApplicationPool:
                 with self._cond:
                     self._abandoned.add(request_id)
             raise
+
+    def _follow(self, request_id: int) -> None:
+        """Wait (lock held) until the reader has news for ``request_id``."""
+        follower = self._followers.get(request_id)
+        if follower is None:
+            follower = self._followers[request_id] = threading.Condition(self._lock)
+        follower.wait()
+
+    def _lead(self) -> None:
+        """Read the socket once (lock held, released while reading)."""
+        self._reading = True
+        try:
+            self._cond.release()
+            try:
+                data = self._sock.recv(_RECV_SIZE)
+            except OSError:
+                data = b""
+            finally:
+                self._cond.acquire()
+            self._feed(data)
+        finally:
+            self._reading = False
+            for request_id, follower in self._followers.items():
+                if self._error is not None or request_id in self._replies:
+                    follower.notify()
+
+    def _hand_over(self) -> None:
+        """Wake one thread still waiting for its reply to read next (lock held)."""
+        for request_id, follower in self._followers.items():
+            if request_id not in self._replies:
+                follower.notify()
+                return
 
     def _feed(self, data: bytes) -> None:
         """Turn received bytes into replies for their waiters (lock held)."""

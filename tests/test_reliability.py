@@ -204,3 +204,27 @@ def test_clients_get_server_gone_within_a_second_when_the_server_dies(
     held.close()  # quietly does nothing on a dead connection
     with pytest.raises(ServerGoneError):
         server.connect()
+
+
+def test_many_threads_share_one_connection(
+    start_server: Callable[..., ApplicationPoolServer],
+    spawner: FakeSpawner,
+    make_app: Callable[[str], str],
+) -> None:
+    # Leader/follower with targeted wake-ups: every thread's reply reaches
+    # that thread, whoever happens to be reading the socket.
+    server = start_server(spawner, max_pool_size=4)
+    pool = server.connect()
+    apps = [make_app(name) for name in "abcd"]
+
+    def work(worker: int) -> int:
+        for round_ in range(30):
+            with pool.get(apps[(worker + round_) % len(apps)], timeout=10):
+                pool.statistics()
+        return worker
+
+    with ThreadPoolExecutor(16) as executor:
+        done = list(executor.map(work, range(16), timeout=50))
+    assert done == list(range(16))
+    stats = pool.statistics()
+    assert (stats.active, stats.waiting) == (0, 0)

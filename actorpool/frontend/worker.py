@@ -110,6 +110,11 @@ class _Worker:
 
     def _start(self, conn: socket.socket, address: object) -> None:
         conn.setblocking(True)
+        if conn.family in (socket.AF_INET, socket.AF_INET6):
+            # A response goes out as head then body, two sends: with Nagle's
+            # algorithm the body waits for the client's delayed ACK of the
+            # head, 40 ms a response.
+            conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         with self._lock:
             self._connections.add(conn)
         thread = threading.Thread(
