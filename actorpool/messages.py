@@ -20,6 +20,7 @@ from __future__ import annotations
 import dataclasses
 import enum
 import math
+import reprlib
 import typing
 from collections.abc import Callable
 from typing import Any, ClassVar, TypeVar
@@ -395,16 +396,26 @@ class Tick:
 
 _MAX_ID = 2**63 - 1
 
+# Error messages quote untrusted values through this: the plain repr of a
+# list nested a thousand deep recurses too deep before any cut to length.
+_QUOTE = reprlib.Repr()
+_QUOTE.maxlevel = 2
+_QUOTE.maxstring = _QUOTE.maxother = 40
+
+
+def _quote(value: Any) -> str:
+    return _QUOTE.repr(value)
+
 
 def _check_int(value: Any) -> int:
     if type(value) is not int or not 0 <= value <= _MAX_ID:
-        raise TypeError(f"expected a non-negative int, got {value!r:.40}")
+        raise TypeError(f"expected a non-negative int, got {_quote(value)}")
     return value
 
 
 def _check_float(value: Any) -> float:
     if type(value) not in (int, float) or not math.isfinite(value):
-        raise TypeError(f"expected a finite number, got {value!r:.40}")
+        raise TypeError(f"expected a finite number, got {_quote(value)}")
     return float(value)
 
 
@@ -462,7 +473,7 @@ def encode(message: WireMessage) -> bytes:
     return body
 
 
-def decode(body: bytes, *, max_size: int) -> WireMessage:
+def decode(body: bytes, *, max_size: int, max_array_len: int = 1024) -> WireMessage:
     """Parse one untrusted msgpack body into a wire message.
 
     Raises :class:`~actorpool.errors.RemoteProtocolError` for anything that
@@ -477,7 +488,7 @@ def decode(body: bytes, *, max_size: int) -> WireMessage:
             strict_map_key=True,
             max_str_len=max_size,
             max_bin_len=0,
-            max_array_len=min(max_size, 1024),
+            max_array_len=min(max_size, max_array_len),
             max_map_len=min(max_size, 65536),
             max_ext_len=0,
         )
@@ -488,7 +499,7 @@ def decode(body: bytes, *, max_size: int) -> WireMessage:
     tag, *values = data
     cls = _BY_TAG.get(tag) if type(tag) is int else None
     if cls is None:
-        raise RemoteProtocolError(f"unknown message tag {tag!r:.40}")
+        raise RemoteProtocolError(f"unknown message tag {_quote(tag)}")
     validators = _VALIDATORS[cls]
     if len(values) != len(validators):
         raise RemoteProtocolError(

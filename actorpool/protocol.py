@@ -265,7 +265,13 @@ class Connection:
             if len(self._buffer) >= end:
                 body = bytes(self._buffer[_HEADER.size : end])
                 del self._buffer[:end]
-                message = decode(body, max_size=self.max_frame_size)
+                message = decode(
+                    body,
+                    max_size=self.max_frame_size,
+                    # A server's replies (statistics of a large pool) may
+                    # hold long arrays; what a client sends never does.
+                    max_array_len=1024 if self.role is Role.SERVER else size,
+                )
                 self._receive(message)
                 return message
         if not self._eof:

@@ -360,8 +360,11 @@ class ClientSessionActor(pykka.ThreadingActor):
         self._send(Welcome(PROTOCOL_VERSION, os.getpid(), self._client_id))
 
     def _send(self, message: Welcome | Reply) -> None:
-        if self._closing or (
-            self._conn.state is not State.OPEN and not isinstance(message, Welcome)
+        if (
+            self._closing
+            # Broken by input read after the Hello: its HangUp says why.
+            or self._conn.state is State.ERROR
+            or (self._conn.state is not State.OPEN and not isinstance(message, Welcome))
         ):
             return  # closing: replies still in the inbox have nowhere to go
         try:

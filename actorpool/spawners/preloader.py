@@ -32,7 +32,12 @@ from typing import Any
 import msgpack
 
 from actorpool.spawners._process import MAX_MESSAGE, write_message
-from actorpool.spawners.worker import listen, load_application, report_failure
+from actorpool.spawners.worker import (
+    LifelineWatch,
+    listen,
+    load_application,
+    report_failure,
+)
 from actorpool.spawners.wsgi import WSGIApp, serve_forever
 
 __all__ = ["main"]
@@ -43,7 +48,8 @@ def main(argv: list[str]) -> int:
     app_root, control_fd, lifeline = argv[0], int(argv[1]), int(argv[2])
     control = socket.socket(fileno=control_fd)
     try:
-        application = load_application(app_root)
+        with LifelineWatch(lifeline):
+            application = load_application(app_root)
     except BaseException as exc:
         report_failure(control.fileno(), exc)
         return 1

@@ -17,8 +17,10 @@ from __future__ import annotations
 
 import contextlib
 import os
+import select
 import socket
 import sys
+import threading
 import traceback
 import types
 from typing import Any
@@ -26,7 +28,7 @@ from typing import Any
 from actorpool.spawners.approot import WSGI_FILE
 from actorpool.spawners.wsgi import WSGIApp
 
-__all__ = ["LoadError", "listen", "load_application", "main", "report_failure"]
+__all__ = ["LifelineWatch", "LoadError", "listen", "load_application", "main", "report_failure"]
 
 
 class LoadError(Exception):
@@ -63,6 +65,37 @@ def load_application(app_root: str) -> WSGIApp:
     if not callable(application):
         raise LoadError(f"{path} does not define a callable `application`")
     return application  # type: ignore[no-any-return]
+
+
+class LifelineWatch:
+    """While the app loads, end the process if the server goes away.
+
+    Loading may take a minute, or never end (an import waiting on a
+    database); the serving loop watches the lifeline only once it runs. A
+    thread watches it meanwhile, and is gone again when the block ends, so a
+    preloader is single-threaded by the time it forks.
+    """
+
+    def __init__(self, lifeline: int) -> None:
+        self._lifeline = lifeline
+        self._stop_r, self._stop_w = os.pipe()
+        self._thread = threading.Thread(
+            target=self._watch, name="actorpool-lifeline", daemon=True
+        )
+
+    def __enter__(self) -> None:
+        self._thread.start()
+
+    def __exit__(self, *_exc: object) -> None:
+        os.write(self._stop_w, b"x")
+        self._thread.join()
+        os.close(self._stop_r)
+        os.close(self._stop_w)
+
+    def _watch(self) -> None:
+        readable, _, _ = select.select([self._lifeline, self._stop_r], [], [])
+        if self._lifeline in readable:
+            os._exit(1)  # the server is gone: nobody is waiting for this app
 
 
 def listen(path: str) -> socket.socket:
@@ -104,7 +137,8 @@ def main(argv: list[str]) -> int:
         int(argv[3]),
     )
     try:
-        application = load_application(app_root)
+        with LifelineWatch(lifeline):
+            application = load_application(app_root)
         listener = listen(socket_path)
     except BaseException as exc:
         report_failure(ready, exc)
