@@ -2,11 +2,17 @@
 
 The server keeps one end of a ``SOCK_SEQPACKET`` pair, the *connect
 channel*; the process that created the server, and every child it forks,
-holds the other. ``connect()`` writes :data:`CONNECT` to the channel. The
-acceptor answers with a fresh ``socketpair()``: one end travels back through
-the channel by SCM_RIGHTS, the other goes to a new
-:class:`~actorpool.session.ClientSessionActor`. No port and no socket file:
-only holders of the channel can connect.
+holds the other. ``connect()`` makes a fresh ``socketpair()`` and sends one
+end, with :data:`CONNECT`, through the channel by SCM_RIGHTS; the acceptor
+hands it to a new :class:`~actorpool.session.ClientSessionActor`, and the
+client's handshake on its own end says whether that worked. No port and no
+socket file: only holders of the channel can connect.
+
+Nothing comes back on the channel, which every process shares. (The first
+design answered each CONNECT with the new connection's descriptor: a client
+killed between its CONNECT and its read left that answer queued, and with
+it a connection nobody would ever close.) A connection the acceptor will
+not take (``max_clients``) gets an ``ErrorReply`` saying why, and is closed.
 
 When every holder has closed the channel (end of stream) or the creator
 writes :data:`SHUTDOWN`, the acceptor calls ``on_close`` and the server
@@ -15,10 +21,12 @@ stops.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import dataclasses
 import itertools
 import logging
+import os
 import socket
 import threading
 from collections.abc import Callable
@@ -26,25 +34,24 @@ from typing import Any, Final
 
 import pykka
 
-from actorpool.fdpassing import send_fd
+from actorpool.fdpassing import BadDescriptorMessage, recv_fd
+from actorpool.protocol import Connection, Role
 from actorpool.reader import SocketReader
 from actorpool.session import ClientSessionActor
 
-__all__ = ["ACCEPTED", "CONNECT", "REFUSED", "SHUTDOWN", "AcceptorActor"]
+__all__ = ["CONNECT", "SHUTDOWN", "AcceptorActor"]
 
 logger = logging.getLogger(__name__)
 
 CONNECT: Final = b"connect"
-"""Written by ``connect()``: please make me a connection."""
+"""Sent by ``connect()`` with one end of the new connection attached."""
 SHUTDOWN: Final = b"shutdown"
 """Written by ``close()`` in the creating process: stop the server."""
-ACCEPTED: Final = b"accepted"
-"""The acceptor's answer; the new connection's descriptor rides along."""
-REFUSED: Final = b"refused"
-"""The acceptor's answer when it will not or cannot make a connection (no
-descriptor). A reason may follow, after a space."""
 
 DEFAULT_MAX_CLIENTS: Final = 1024
+
+MAX_REFUSED: Final = 64
+"""Refused connections kept open until their clients have read why."""
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -53,6 +60,8 @@ class ChannelMessage:
 
     data: bytes
     """The message (``b""``: every holder has closed the channel)."""
+    fd: int | None = None
+    """The descriptor that came with it."""
 
 
 class AcceptorActor(pykka.ThreadingActor):
@@ -72,6 +81,7 @@ class AcceptorActor(pykka.ThreadingActor):
         self._on_close = on_close
         self._client_ids = itertools.count(1)
         self._clients: list[pykka.ActorRef[Any]] = []
+        self._refused: collections.deque[socket.socket] = collections.deque()
         # Client connections are read by the registry's own inbox, so that a
         # request reaches it without a thread hand-off (see actorpool.reader).
         # A stand-in registry (in a test) gets a reader thread instead. Done
@@ -96,8 +106,11 @@ class AcceptorActor(pykka.ThreadingActor):
     def on_receive(self, message: Any) -> None:
         if not isinstance(message, ChannelMessage):
             logger.warning("AcceptorActor ignores unexpected message %r", message)
-        elif message.data == CONNECT:
-            self._accept()
+        elif message.data == CONNECT and message.fd is not None:
+            self._accept(message.fd)
+        elif message.fd is not None:
+            os.close(message.fd)
+            logger.warning("ignoring a descriptor sent without CONNECT")
         elif message.data in (b"", SHUTDOWN):
             self._on_close()
         else:
@@ -113,6 +126,8 @@ class AcceptorActor(pykka.ThreadingActor):
         self._channel.close()
         for client in self._clients:
             client.stop()
+        while self._refused:
+            self._refused.popleft().close()
         if self._own_reader:
             self._client_reader.close()
 
@@ -122,58 +137,88 @@ class AcceptorActor(pykka.ThreadingActor):
         self.on_stop()
         self._on_close()
 
-    def _accept(self) -> None:
+    def _accept(self, fd: int) -> None:
+        try:
+            sock = socket.socket(fileno=fd)
+        except OSError as exc:  # not a socket at all
+            os.close(fd)
+            logger.warning("ignoring a CONNECT with no socket: %s", exc)
+            return
+        if sock.family != socket.AF_UNIX or sock.type != socket.SOCK_STREAM:
+            sock.close()
+            logger.warning("ignoring a CONNECT with a %s socket", sock.type.name)
+            return
         self._clients = [c for c in self._clients if c.is_alive()]
         if len(self._clients) >= self._max_clients:
             logger.warning(
                 "refusing a connection: %d clients already (max_clients)",
                 len(self._clients),
             )
-            self._refuse(f"max_clients={self._max_clients} reached")
+            self._refuse(sock, f"max_clients={self._max_clients} reached")
             return
-        try:
-            ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-        except OSError as exc:  # out of descriptors, say: refuse, do not hang
-            logger.error("cannot make a connection: %s", exc)
-            self._refuse(f"errno {exc.errno}")
-            return
-        try:
-            send_fd(self._channel, ACCEPTED, theirs.fileno())
-        except OSError as exc:
-            logger.warning("could not pass a connection back: %s", exc)
-            ours.close()
-            return
-        except BaseException:
-            ours.close()
-            raise
-        finally:
-            theirs.close()
         client_id = next(self._client_ids)
         try:
             client = ClientSessionActor.start(
-                ours, client_id, self._registry, self._client_reader
+                sock, client_id, self._registry, self._client_reader
             )
         except Exception:
             # Out of threads, say: this client sees end of stream; the
             # acceptor and every other client carry on.
             logger.exception("cannot start the actor of client %d", client_id)
-            ours.close()
+            sock.close()
             return
         self._clients.append(client)
 
-    def _refuse(self, reason: str) -> None:
-        with contextlib.suppress(OSError):
-            self._channel.send(REFUSED + b" " + reason.encode()[:50])
+    def _refuse(self, sock: socket.socket, reason: str) -> None:
+        """Tell a connection why it is not taken, then let it go.
+
+        Closing at once would lose the reason: a Unix socket closed with
+        unread input (the client's hello) resets the connection, and the
+        client reads ECONNRESET instead. So the socket waits, half-closed,
+        until its client has read the reason and closed its end.
+        """
+        frame = Connection(Role.SERVER).send_protocol_error(
+            f"the pool server refused the connection: {reason}"
+        )
+        try:
+            sock.setblocking(False)
+            sock.send(frame)  # a few dozen bytes into an empty buffer
+            sock.shutdown(socket.SHUT_WR)
+        except OSError:
+            sock.close()
+            return
+        self._refused.append(sock)
+        for parked in list(self._refused):
+            if len(self._refused) > MAX_REFUSED or _peer_closed(parked):
+                self._refused.remove(parked)
+                parked.close()
 
     def _read(self) -> None:
         while True:
             try:
-                data = self._channel.recv(64)
+                data, fd = recv_fd(self._channel, 64)
+            except BadDescriptorMessage as exc:
+                logger.warning("ignoring a message on the connect channel: %s", exc)
+                continue
             except OSError:
-                data = b""
+                data, fd = b"", None
             try:
-                self.actor_ref.tell(ChannelMessage(data))
+                self.actor_ref.tell(ChannelMessage(data, fd))
             except pykka.ActorDeadError:
+                if fd is not None:
+                    os.close(fd)
                 return
             if not data:
                 return
+
+
+def _peer_closed(sock: socket.socket) -> bool:
+    """Discard what ``sock`` has to read; whether its peer has closed."""
+    try:
+        while sock.recv(4096, socket.MSG_DONTWAIT):
+            pass
+    except BlockingIOError:
+        return False
+    except OSError:
+        pass
+    return True

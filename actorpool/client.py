@@ -284,7 +284,9 @@ class ApplicationPool:
     # --- requests and replies ---------------------------------------------------
 
     def _handshake(self) -> None:
-        with self._cond:
+        with self._cond, contextlib.suppress(OSError):
+            # A server that refused the connection may have closed it already;
+            # its reason is still there to read.
             self._sock.sendall(self._conn.send(Hello(PROTOCOL_VERSION, os.getpid())))
         welcome = self._wait(0)
         self.server_pid = getattr(welcome, "server_pid", 0)

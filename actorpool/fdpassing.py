@@ -1,7 +1,7 @@
 """The only code in actorpool that passes file descriptors (SCM_RIGHTS).
 
-The acceptor sends a fresh connection with :func:`send_fd`; ``connect()``
-receives it with :func:`recv_fd`. Received descriptors are close-on-exec
+``connect()`` sends one end of a fresh connection with :func:`send_fd`; the
+acceptor receives it with :func:`recv_fd`. Received descriptors are close-on-exec
 from the moment they arrive: :func:`socket.recv_fds` ignores its ``flags``
 on the Pythons we support, so this module calls ``recvmsg`` with
 ``MSG_CMSG_CLOEXEC`` itself.
@@ -13,9 +13,13 @@ import array
 import os
 import socket
 
-__all__ = ["recv_fd", "send_fd"]
+__all__ = ["BadDescriptorMessage", "recv_fd", "send_fd"]
 
 _FD_SIZE = array.array("i").itemsize
+
+
+class BadDescriptorMessage(OSError):
+    """A message came with more than one descriptor, or was cut short."""
 
 
 def send_fd(sock: socket.socket, data: bytes, fd: int) -> None:
@@ -45,7 +49,7 @@ def recv_fd(sock: socket.socket, bufsize: int) -> tuple[bytes, int | None]:
     if flags & (socket.MSG_CTRUNC | socket.MSG_TRUNC) or len(fds) > 1:
         for fd in fds:
             os.close(fd)
-        raise OSError(
+        raise BadDescriptorMessage(
             f"unexpected descriptor message (flags={flags:#x}, fds={len(fds)})"
         )
     return data, (fds[0] if fds else None)

@@ -126,6 +126,8 @@ TRANSITIONS: Final[dict[tuple[Role, State, Direction, Category], State]] = {
     (_C, State.OPEN, _RECV, Category.REPLY): State.OPEN,
     # The server waits for the hello, then must answer it.
     (_S, State.START, _RECV, Category.HELLO): State.SEND_WELCOME,
+    # A server that will not take a connection at all says why at once.
+    (_S, State.START, _SEND, Category.REPLY): State.CLOSED,
     (_S, State.SEND_WELCOME, _SEND, Category.WELCOME): State.OPEN,
     (_S, State.SEND_WELCOME, _SEND, Category.REPLY): State.CLOSED,
     (_S, State.OPEN, _RECV, Category.REQUEST): State.OPEN,

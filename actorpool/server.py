@@ -34,11 +34,11 @@ from typing import IO, Any
 
 import pykka
 
-from actorpool.acceptor import ACCEPTED, CONNECT, REFUSED, SHUTDOWN, AcceptorActor
+from actorpool.acceptor import CONNECT, SHUTDOWN, AcceptorActor
 from actorpool.client import ApplicationPool
 from actorpool.config import PoolConfig
-from actorpool.errors import ActorPoolError, RemoteProtocolError, ServerGoneError
-from actorpool.fdpassing import recv_fd
+from actorpool.errors import ActorPoolError, ServerGoneError
+from actorpool.fdpassing import send_fd
 from actorpool.registry import RegistryActor
 from actorpool.spawner import Spawner, SpawnerActor
 
@@ -121,31 +121,30 @@ class ApplicationPoolServer:
 
         Works in the creating process and in any process forked from it that
         has not called :meth:`detach`. Each call gives a separate connection.
+        Raises :class:`ServerGoneError` when the server has stopped, and
+        :class:`RemoteProtocolError` when it refuses the connection (its
+        ``max_clients`` reached), saying so.
         """
-        with self._connect_lock:
-            if self._channel is None:
-                raise ActorPoolError(
-                    "this ApplicationPoolServer was detached or closed"
-                )
-            try:
-                self._channel.send(CONNECT)
-                data, fd = recv_fd(self._channel, 64)
-            except OSError as exc:
-                raise ServerGoneError(f"cannot reach the pool server: {exc}") from exc
-        if fd is None or data != ACCEPTED:
-            if fd is not None:
-                os.close(fd)
-            if not data:
-                raise ServerGoneError("the pool server has stopped")
-            if data.split(b" ", 1)[0] == REFUSED:
-                reason = data[len(REFUSED) :].decode(errors="replace").strip()
-                raise ActorPoolError(
-                    f"the pool server refused the connection ({reason or 'no reason'})"
-                )
-            raise RemoteProtocolError(
-                f"unexpected answer on the connect channel: {data!r}"
-            )
-        return ApplicationPool(socket.socket(fileno=fd))
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            with self._connect_lock:
+                if self._channel is None:
+                    raise ActorPoolError(
+                        "this ApplicationPoolServer was detached or closed"
+                    )
+                try:
+                    send_fd(self._channel, CONNECT, theirs.fileno())
+                except OSError as exc:
+                    raise ServerGoneError(
+                        f"cannot reach the pool server: {exc}"
+                    ) from exc
+        except BaseException:
+            ours.close()
+            raise
+        finally:
+            theirs.close()
+        # The handshake (in ApplicationPool) says whether the server took it.
+        return ApplicationPool(ours)
 
     def detach(self) -> None:
         """Close this process's copy of the connect channel.

@@ -1,32 +1,33 @@
 """AcceptorActor over a SOCK_SEQPACKET pair, with a stand-in registry.
 
 The test holds the far end of the connect channel, as ``connect()`` does in
-a client process: it writes ``CONNECT`` and receives a descriptor with
-:func:`actorpool.fdpassing.recv_fd`, then speaks the protocol on it.
+a client process: it makes a socket pair, sends one end with ``CONNECT``
+(:func:`actorpool.fdpassing.send_fd`), then speaks the protocol on the other.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
-import errno
 import os
 import queue
 import socket
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import pykka
 import pytest
 
 from actorpool import acceptor as acceptor_module
-from actorpool.acceptor import ACCEPTED, CONNECT, REFUSED, SHUTDOWN, AcceptorActor
-from actorpool.fdpassing import recv_fd
+from actorpool.acceptor import CONNECT, SHUTDOWN, AcceptorActor
+from actorpool.fdpassing import send_fd
 from actorpool.messages import (
     PROTOCOL_VERSION,
     ClientAttached,
     ClientDetached,
     ClientRequest,
+    ErrorReply,
     Get,
     Hello,
     Welcome,
@@ -66,12 +67,10 @@ class Rig:
     peers: list[Peer] = dataclasses.field(default_factory=list)
 
     def connect(self) -> Peer:
-        self.channel.send(CONNECT)
-        data, fd = recv_fd(self.channel, 64)
-        assert data == ACCEPTED
-        assert fd is not None
-        assert not os.get_inheritable(fd)
-        peer = Peer(socket.socket(fileno=fd))
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        with theirs:
+            send_fd(self.channel, CONNECT, theirs.fileno())
+        peer = Peer(ours)
         self.peers.append(peer)
         return peer
 
@@ -147,21 +146,37 @@ def test_stop_stops_every_client_actor_and_closes_the_channel(rig: Rig) -> None:
     assert not rig.closed.is_set()  # stopping is not a request to stop
 
 
-def test_a_connect_it_cannot_serve_is_refused_not_left_hanging(
-    rig: Rig, monkeypatch: pytest.MonkeyPatch
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: None,  # CONNECT alone
+        lambda: socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM),
+        lambda: open(os.devnull, "rb"),  # noqa: SIM115 (closed by the test)
+    ],
+    ids=["no-descriptor", "a-datagram-socket", "not-a-socket"],
+)
+def test_a_connect_with_no_stream_socket_is_ignored(
+    rig: Rig, make: Callable[[], Any]
 ) -> None:
-    def exhausted(*_args: object) -> tuple[socket.socket, socket.socket]:
-        raise OSError(errno.EMFILE, "Too many open files")
-
-    with monkeypatch.context() as patch:
-        patch.setattr(socket, "socketpair", exhausted)
+    thing = make()
+    if thing is None:
         rig.channel.send(CONNECT)
-        data, fd = recv_fd(rig.channel, 64)
-        assert fd is None
-        assert data.startswith(REFUSED + b" ")
-
+    else:
+        with thing:
+            send_fd(rig.channel, CONNECT, thing.fileno())
     assert rig.connect().handshake().client_id == 1  # and it carries on
     assert rig.acceptor.is_alive()
+
+
+def test_a_client_killed_after_its_connect_leaves_nothing_behind(rig: Rig) -> None:
+    # connect() is one message: a client that dies after sending it has
+    # closed its end, and the server's end reads end of file.
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    send_fd(rig.channel, CONNECT, theirs.fileno())
+    theirs.close()
+    ours.close()  # what the kernel does for a SIGKILLed client
+    assert take(rig.reports, ClientAttached).client_id == 1
+    assert take(rig.reports, ClientDetached).client_id == 1
 
 
 def test_a_connection_beyond_max_clients_is_refused_until_one_leaves() -> None:
@@ -179,10 +194,15 @@ def test_a_connection_beyond_max_clients_is_refused_until_one_leaves() -> None:
             peer.handshake()
             take(reports, ClientAttached)
 
-        theirs.send(CONNECT)
-        data, fd = recv_fd(theirs, 64)
-        assert fd is None
-        assert data == REFUSED + b" max_clients=2 reached"
+        refused = rig.connect()
+        hello = refused.conn.send(Hello(PROTOCOL_VERSION, 1))
+        with contextlib.suppress(BrokenPipeError):  # it may be closed already
+            refused.sock.sendall(hello)
+        error = refused.receive()
+        assert isinstance(error, ErrorReply)
+        assert error.request_id == 0
+        assert error.message.endswith("refused the connection: max_clients=2 reached")
+        assert refused.receive() is PEER_CLOSED
         second.sock.sendall(second.conn.send(Get(1, "/srv/a")))
         assert take(reports, ClientRequest).client_id == 2
 
@@ -208,13 +228,8 @@ def test_a_client_actor_that_cannot_start_costs_that_client_only(
 
     with monkeypatch.context() as patch:
         patch.setattr(acceptor_module, "ClientSessionActor", Unstartable)
-        rig.channel.send(CONNECT)
-        data, fd = recv_fd(rig.channel, 64)
-        assert data == ACCEPTED
-        assert fd is not None
-        with socket.socket(fileno=fd) as orphan:
-            orphan.settimeout(WAIT)
-            assert orphan.recv(1) == b""  # its server end was closed, not leaked
+        orphan = rig.connect()
+        assert orphan.sock.recv(1) == b""  # its server end was closed, not leaked
 
     assert rig.acceptor.is_alive()
     assert not rig.closed.is_set()
@@ -230,8 +245,8 @@ def test_a_failure_in_the_acceptor_calls_on_close_and_cleans_up(
     def broken(*_args: object) -> None:
         raise RuntimeError("a bug in the acceptor")
 
-    monkeypatch.setattr(acceptor_module, "send_fd", broken)
-    rig.channel.send(CONNECT)
+    monkeypatch.setattr(AcceptorActor, "_accept", broken)
+    rig.connect()
 
     assert rig.closed.wait(WAIT)  # the server is told to stop
     assert healthy.receive() is PEER_CLOSED  # the clients were stopped

@@ -288,6 +288,10 @@ ROWS: dict[tuple[Role, State, Direction, Category], tuple[Setup, WireMessage]] =
         Done(9),
     ),
     (Role.SERVER, State.START, Direction.RECEIVE, Category.HELLO): (_nothing, HELLO),
+    (Role.SERVER, State.START, Direction.SEND, Category.REPLY): (
+        _nothing,
+        ErrorReply(0, "ProtocolError", "refused: max_clients=1 reached"),
+    ),
     (Role.SERVER, State.SEND_WELCOME, Direction.SEND, Category.WELCOME): (
         _nothing,
         WELCOME,

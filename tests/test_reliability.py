@@ -13,7 +13,7 @@ from pathlib import Path
 
 import msgpack
 import pytest
-from test_spawners import me, write_app
+from test_spawners import fetch, me, write_app
 
 from actorpool import (
     ActorPoolError,
@@ -160,6 +160,7 @@ def test_no_descriptor_is_inherited_beyond_those_named(
         server = start_server(DirectSpawner(), user=me())
         pool = server.connect()
         with pool.get(write_app(tmp_path / "app")) as session:
+            fetch(session)  # the worker has accepted our connection by now
             server_fds = fd_targets(server.pid)
             worker_fds = fd_targets(session.pid)
     finally:

@@ -28,7 +28,14 @@ from typing import Any
 from actorpool.spawners.approot import WSGI_FILE
 from actorpool.spawners.wsgi import WSGIApp
 
-__all__ = ["LifelineWatch", "LoadError", "listen", "load_application", "main", "report_failure"]
+__all__ = [
+    "LifelineWatch",
+    "LoadError",
+    "listen",
+    "load_application",
+    "main",
+    "report_failure",
+]
 
 
 class LoadError(Exception):
