@@ -153,13 +153,15 @@ class _Master:
     # --- signals -------------------------------------------------------------------
 
     def _on_signals(self, data: bytes) -> None:
-        if signal.SIGCHLD in data:
-            self._reap()
-        if signal.SIGHUP in data:
-            self._restart_all()
+        # Stopping first: Ctrl-C signals the workers too, and their exits
+        # must not be taken for deaths to make up for.
         if signal.SIGTERM in data or signal.SIGINT in data:
             logger.info("stopping (graceful, %.0f s)", self.options.worker.grace)
             self.stopping = True
+        if signal.SIGCHLD in data:
+            self._reap()
+        if signal.SIGHUP in data and not self.stopping:
+            self._restart_all()
 
     def _reap(self) -> None:
         while True:
