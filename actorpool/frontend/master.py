@@ -84,20 +84,41 @@ def private_dir(path: str) -> str:
 
 def serve(options: ServeOptions) -> int:
     """Run until SIGTERM or SIGINT; the exit status."""
-    listener = socket.create_server((options.host, options.port), backlog=1024)
-    master = _Master(options, listener)
+    master = _Master(options, _listeners(options.host, options.port, options.workers))
     try:
         return master.run()
     finally:
         master.close()
 
 
+def _listeners(host: str, port: int, count: int) -> list[socket.socket]:
+    """``count`` sockets bound to one address with ``SO_REUSEPORT``.
+
+    One per worker: the kernel spreads new connections over them evenly. On
+    one shared socket, the worker that happened to be waiting took every
+    client of a burst, and with it all the work, leaving the other cores idle.
+    """
+    first = socket.create_server((host, port), backlog=1024, reuse_port=True)
+    port = first.getsockname()[1]  # the one chosen, for port 0
+    listeners = [first]
+    try:
+        for _ in range(count - 1):
+            listeners.append(
+                socket.create_server((host, port), backlog=1024, reuse_port=True)
+            )
+    except BaseException:
+        for listener in listeners:
+            listener.close()
+        raise
+    return listeners
+
+
 class _Master:
-    def __init__(self, options: ServeOptions, listener: socket.socket) -> None:
+    def __init__(self, options: ServeOptions, listeners: list[socket.socket]) -> None:
         self.options = options
-        self.listener = listener
+        self.listeners = listeners
         self.started = time.time()
-        self.workers: set[int] = set()
+        self.workers: dict[int, int] = {}  # pid -> its listener's index
         self.metrics_pid = 0
         self.stopping = False
         self.status_code = 0
@@ -117,15 +138,15 @@ class _Master:
             self.options.pool, spawner=self.options.spawner
         )
         self.status = _listen_private(self.status_path)
-        host, port = self.listener.getsockname()[:2]
+        host, port = self.listeners[0].getsockname()[:2]
         print(
             f"actorpool serve: http://{host}:{port}/ (master pid {os.getpid()}, "
             f"pool server pid {self.server.pid})\n"
             f"actorpool serve: status socket {self.status_path}",
             flush=True,
         )
-        for _ in range(self.options.workers):
-            self._fork_worker()
+        for slot in range(self.options.workers):
+            self._fork_worker(slot)
         if self.options.metrics is not None:
             self._fork_metrics()
         while not self.stopping:
@@ -146,7 +167,8 @@ class _Master:
             self.status.close()
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(self.status_path)
-        self.listener.close()
+        for listener in self.listeners:
+            listener.close()
         os.close(self.wake_r)
         os.close(self.wake_w)
 
@@ -172,12 +194,12 @@ class _Master:
             if pid == 0:
                 return
             if pid in self.workers:
-                self.workers.discard(pid)
+                slot = self.workers.pop(pid)
                 if not self.stopping:
                     logger.warning(
                         "worker %d exited (%s); starting another", pid, _how(status)
                     )
-                    self._fork_worker()
+                    self._fork_worker(slot)
             elif self.server is not None and pid == self.server.pid:
                 # Reaped here rather than by server.close(), which copes.
                 logger.critical("the pool server exited (%s); stopping", _how(status))
@@ -205,21 +227,26 @@ class _Master:
 
     # --- children ------------------------------------------------------------------
 
-    def _fork_worker(self) -> None:
+    def _fork_worker(self, slot: int) -> None:
         assert self.server is not None
         assert self.status is not None
         pid = os.fork()
         if pid == 0:
             status = 1
             try:
+                listener = self.listeners[slot]
+                others = [s.detach() for s in self.listeners if s is not listener]
                 status = run_worker(
-                    self.listener, self.server, self.options.worker, self._inherited()
+                    listener,
+                    self.server,
+                    self.options.worker,
+                    self._inherited() + others,
                 )
             except BaseException:
                 logger.exception("front-end worker %d failed", os.getpid())
             finally:
                 _exit(status)
-        self.workers.add(pid)
+        self.workers[pid] = slot
 
     def _fork_metrics(self) -> None:
         assert self.server is not None
@@ -242,7 +269,8 @@ class _Master:
         assert self.options.metrics is not None
         for fd in self._inherited():
             os.close(fd)
-        self.listener.close()
+        for listener in self.listeners:
+            listener.close()
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
         signal.signal(signal.SIGINT, signal.SIG_DFL)
         signal.signal(signal.SIGHUP, signal.SIG_IGN)
