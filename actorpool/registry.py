@@ -214,14 +214,16 @@ class RegistryActor(pykka.ThreadingActor):
         )
 
     def _on_session_failed(self, client_id: int, notice: SessionFailed) -> None:
-        logger.warning(
-            "client %d could not connect to session %d's process; removing it",
-            client_id,
-            notice.session_id,
+        decisions = self._pool.session_failed(
+            client_id, notice.session_id, self._clock()
         )
-        self._apply(
-            self._pool.session_failed(client_id, notice.session_id, self._clock())
-        )
+        if decisions:  # none for a session that is not this client's
+            logger.warning(
+                "client %d could not connect to session %d's process; removing it",
+                client_id,
+                notice.session_id,
+            )
+        self._apply(decisions)
 
     def _on_statistics(self, client_id: int, request: GetStatistics) -> None:
         snapshot = self._pool.statistics(self._clock(), clients=len(self._clients))
