@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import os
 import signal
-import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -26,6 +25,7 @@ pytestmark = pytest.mark.slow
 def test_a_client_killed_inside_connect_leaves_no_connection_behind(
     start_server: Callable[..., ApplicationPoolServer],
     spawner: FakeSpawner,
+    wait_until: Callable[..., None],
 ) -> None:
     """Open up to 4b0258a, fixed in 3685f6d. ``connect()`` was two steps on
     the connect channel that every process shares: send CONNECT, then
@@ -54,12 +54,14 @@ def test_a_client_killed_inside_connect_leaves_no_connection_behind(
         finally:
             os._exit(0)
     os.waitpid(pid, 0)
-    # Time to make the connection and, if the server can tell, to drop it.
-    deadline = time.monotonic() + 2
-    while time.monotonic() < deadline:
-        clients = pool.statistics().clients
-        time.sleep(0.1)
-    assert clients == 1, f"{clients} clients with one connected: one leaked"
+    # The acceptor takes the channel's messages in order: once a later
+    # connection is up, the dead client's request has been handled. Then
+    # its connection must go (each check is a round trip, not a sleep).
+    later = server.connect()
+    wait_until(
+        lambda: pool.statistics().clients == 2, 5, "the dead client's connection"
+    )
+    later.close()
 
 
 @pytest.mark.parametrize("make_spawner", SPAWNERS)
@@ -67,6 +69,7 @@ def test_sigkill_of_the_server_stops_a_process_still_loading_its_app(
     make_spawner: type[Spawner],
     tmp_path: Path,
     threads: ThreadPoolExecutor,
+    wait_until: Callable[..., None],
 ) -> None:
     """Found open at 637f298, fixed in 4b0258a (``LifelineWatch``).
     ``docs/spawning.md``: after a SIGKILL of the server "every process is
@@ -83,17 +86,12 @@ def test_sigkill_of_the_server_stops_a_process_still_loading_its_app(
     pool = server.connect()
     try:
         pending = threads.submit(pool.get, app)
-        deadline = time.monotonic() + 10
-        while not processes_in(tmp_path):
-            assert time.monotonic() < deadline, "the app's process never started"
-            time.sleep(0.05)
+        wait_until(lambda: processes_in(tmp_path), 10, "the app's process")
         os.kill(server.pid, signal.SIGKILL)
         with pytest.raises(ActorPoolError):
             pending.result(timeout=10)
-        deadline = time.monotonic() + 3
-        while processes_in(tmp_path) and time.monotonic() < deadline:
-            time.sleep(0.05)
-        assert not processes_in(tmp_path), "a process outlived the server"
+        # /proc is read on every check: no sleeping.
+        wait_until(lambda: not processes_in(tmp_path), 3, "the process to go")
     finally:
         for pid in processes_in(tmp_path):
             os.kill(pid, signal.SIGKILL)
