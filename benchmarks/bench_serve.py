@@ -65,6 +65,8 @@ import threading
 import time
 from pathlib import Path
 
+from _procfs import ProcessTracker, descendants, stat_fields
+
 ROOT = Path(__file__).resolve().parent.parent
 HELLO = ROOT / "examples" / "hello"
 
@@ -134,83 +136,13 @@ def check_tools() -> None:
 # --- processes: who they are, how much CPU, whether they are gone -----------------
 
 
-def _stat_fields(pid: int) -> list[str]:
-    """Fields of ``/proc/PID/stat`` from the state on (the name may hold spaces)."""
-    with open(f"/proc/{pid}/stat") as stat:
-        return stat.read().rsplit(")", 1)[1].split()
-
-
-def start_time(pid: int) -> int | None:
-    """Clock ticks after boot at which ``pid`` started; None if there is none."""
-    try:
-        return int(_stat_fields(pid)[19])
-    except (FileNotFoundError, ProcessLookupError, IndexError, ValueError):
-        return None
-
-
 def cpu_ticks(pid: int) -> int | None:
     """User + system clock ticks of every thread of ``pid``; None if it is gone."""
     try:
-        fields = _stat_fields(pid)
+        fields = stat_fields(pid)
         return int(fields[11]) + int(fields[12])
     except (FileNotFoundError, ProcessLookupError, IndexError, ValueError):
         return None
-
-
-def descendants(root: int) -> list[int]:
-    """Every live process below ``root`` in the process tree."""
-    children: dict[int, list[int]] = {}
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            ppid = int(_stat_fields(int(entry))[1])
-        except (FileNotFoundError, ProcessLookupError, IndexError, ValueError):
-            continue  # it exited while we looked
-        children.setdefault(ppid, []).append(int(entry))
-    found: list[int] = []
-    stack = [root]
-    while stack:
-        for child in children.get(stack.pop(), []):
-            found.append(child)
-            stack.append(child)
-    return found
-
-
-def cmdline(pid: int) -> str:
-    """The command line of ``pid``, arguments joined by spaces ("" if gone)."""
-    try:
-        with open(f"/proc/{pid}/cmdline", "rb") as f:
-            return f.read().replace(b"\0", b" ").decode(errors="replace").strip()
-    except (FileNotFoundError, ProcessLookupError):
-        return ""
-
-
-class ProcessTracker:
-    """Remembers every process the benchmark caused, to check they all exit."""
-
-    def __init__(self) -> None:
-        self._seen: dict[int, int] = {}  # pid -> start time
-        self._what: dict[int, str] = {}
-
-    def note(self, pid: int) -> None:
-        started = start_time(pid)
-        if started is not None and pid not in self._seen:
-            self._seen[pid] = started
-            self._what[pid] = cmdline(pid)
-
-    def note_tree(self, root: int) -> None:
-        self.note(root)
-        for pid in descendants(root):
-            self.note(pid)
-
-    def still_running(self) -> list[str]:
-        """The seen processes that are still alive (same pid, same start)."""
-        return [
-            f"{pid} {self._what[pid][:100]}"
-            for pid, started in sorted(self._seen.items())
-            if start_time(pid) == started
-        ]
 
 
 def leftovers_in_ps(markers: list[str]) -> list[str]:
@@ -257,7 +189,7 @@ class CpuSampler:
                 if pid not in self.first:
                     self.first[pid] = ticks if initial else 0
                     with contextlib.suppress(OSError, IndexError, ValueError):
-                        self.parent[pid] = int(_stat_fields(pid)[1])
+                        self.parent[pid] = int(stat_fields(pid)[1])
                 self.last[pid] = ticks
 
     def _run(self) -> None:
@@ -367,7 +299,7 @@ def measure(
         mine.ru_stime - own.ru_stime
     )
     for pid, used in cpu.items():
-        tracker.note(pid)
+        tracker.add(pid)
         role = roles.of(pid, sampler.parent.get(pid, 0))
         load.cpu[role] = load.cpu.get(role, 0.0) + used
         load.cpu_detail.setdefault(role, []).append(used)
@@ -550,7 +482,7 @@ def warm_up_actorpool(
             f"hello has {serve.processes_of(HELLO)} processes after warming up,"
             f" not {processes}"
         )
-    tracker.note_tree(serve.server.proc.pid)
+    tracker.add_tree(serve.server.proc.pid)
 
 
 def run_actorpool(
@@ -570,7 +502,7 @@ def run_actorpool(
         work,
     )
     try:
-        tracker.note_tree(serve.server.proc.pid)
+        tracker.add_tree(serve.server.proc.pid)
         warm_up_actorpool(serve, processes, tracker)
         return measure(
             f"http://127.0.0.1:{serve.port}/",
@@ -582,7 +514,7 @@ def run_actorpool(
             tracker,
         )
     finally:
-        tracker.note_tree(serve.server.proc.pid)
+        tracker.add_tree(serve.server.proc.pid)
         serve.server.stop()
 
 
@@ -613,7 +545,7 @@ def run_gunicorn(
     try:
         wait_until_serving(server, port)
         wrk(f"http://127.0.0.1:{port}/", 1)  # warm-up, as for actorpool
-        tracker.note_tree(server.proc.pid)
+        tracker.add_tree(server.proc.pid)
         return (
             measure(
                 f"http://127.0.0.1:{port}/",
@@ -625,7 +557,7 @@ def run_gunicorn(
             port,
         )
     finally:
-        tracker.note_tree(server.proc.pid)
+        tracker.add_tree(server.proc.pid)
         server.stop()
 
 
@@ -719,7 +651,7 @@ def run_two_apps(
     url = f"http://127.0.0.1:{serve.port}/"
     slow_client = SlowClient(serve.port)
     try:
-        tracker.note_tree(master)
+        tracker.add_tree(master)
         warm_up_actorpool(serve, processes, tracker)
         idle = measure(url, seconds, [master], roles, tracker)
         slow_client.start()
@@ -741,7 +673,7 @@ def run_two_apps(
         )
     finally:
         slow_client.stop()
-        tracker.note_tree(master)
+        tracker.add_tree(master)
         serve.server.stop()
 
 

@@ -38,12 +38,13 @@ import dataclasses
 import http.client
 import os
 import pwd
-import signal
 import statistics
 import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+
+from _procfs import ProcessTracker, cmdline, descendants
 
 from actorpool import ApplicationPoolServer, PoolConfig, Session, Spawner
 from actorpool.spawners import DirectSpawner, SmartSpawner
@@ -87,52 +88,6 @@ def pool_config(processes: int) -> PoolConfig:
 # --- processes: who they are, how much memory, whether they are gone --------------
 
 
-def _stat_fields(pid: int) -> list[str]:
-    """Fields of ``/proc/PID/stat`` from the state on (the name may hold spaces)."""
-    with open(f"/proc/{pid}/stat") as stat:
-        return stat.read().rsplit(")", 1)[1].split()
-
-
-def start_time(pid: int) -> int | None:
-    """Clock ticks after boot at which ``pid`` started; None if there is none.
-
-    Together with the pid it names one process, even if the pid is reused.
-    """
-    try:
-        return int(_stat_fields(pid)[19])
-    except (FileNotFoundError, ProcessLookupError, IndexError, ValueError):
-        return None
-
-
-def descendants(root: int) -> list[int]:
-    """Every live process below ``root`` in the process tree."""
-    children: dict[int, list[int]] = {}
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            ppid = int(_stat_fields(int(entry))[1])
-        except (FileNotFoundError, ProcessLookupError, IndexError, ValueError):
-            continue  # it exited while we looked
-        children.setdefault(ppid, []).append(int(entry))
-    found: list[int] = []
-    stack = [root]
-    while stack:
-        for child in children.get(stack.pop(), []):
-            found.append(child)
-            stack.append(child)
-    return found
-
-
-def cmdline(pid: int) -> str:
-    """The command line of ``pid``, arguments joined by spaces ("" if gone)."""
-    try:
-        with open(f"/proc/{pid}/cmdline", "rb") as f:
-            return f.read().replace(b"\0", b" ").decode(errors="replace").strip()
-    except (FileNotFoundError, ProcessLookupError):
-        return ""
-
-
 def pss_kb(pid: int) -> int:
     """The proportional set size of ``pid``, in kB."""
     with open(f"/proc/{pid}/smaps_rollup") as rollup:
@@ -140,47 +95,6 @@ def pss_kb(pid: int) -> int:
             if line.startswith("Pss:"):
                 return int(line.split()[1])
     raise RuntimeError(f"no Pss line in /proc/{pid}/smaps_rollup")
-
-
-class ProcessTracker:
-    """Remembers every process the benchmark caused, to check they all exit."""
-
-    def __init__(self) -> None:
-        self._seen: dict[int, int] = {}  # pid -> start time
-        self._what: dict[int, str] = {}
-
-    def add(self, pid: int, what: str) -> None:
-        started = start_time(pid)
-        if started is not None and pid not in self._seen:
-            self._seen[pid] = started
-            self._what[pid] = what
-
-    def add_tree(self, root: int, what: str) -> None:
-        self.add(root, what)
-        for pid in descendants(root):
-            self.add(pid, f"{what}'s descendant ({cmdline(pid)[:60]})")
-
-    def alive(self) -> list[int]:
-        return [pid for pid, t in self._seen.items() if start_time(pid) == t]
-
-    def check_all_gone(self, grace: float = 10.0) -> None:
-        """Wait up to ``grace`` seconds for every process seen to exit.
-
-        Any still there after that were left behind by a server: report them
-        and kill them, so that the benchmark itself leaves nothing behind.
-        """
-        deadline = time.monotonic() + grace
-        while (left := self.alive()) and time.monotonic() < deadline:
-            time.sleep(0.1)
-        print()
-        if not left:
-            print(f"processes: all {len(self._seen)} seen have exited")
-            return
-        print(f"WARNING: {len(left)} process(es) left behind; killing them:")
-        for pid in left:
-            print(f"  {pid}: {self._what[pid]}")
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
 
 
 TRACKER = ProcessTracker()
