@@ -742,3 +742,32 @@ def test_serve_connection_returns_false_only_when_the_lifeline_fired(
                 os.close(lifeline_w)
             thread.join(TIMEOUT)
             os.close(lifeline_r)
+
+
+class SendCountingSocket(socket.socket):
+    """A socket that counts its ``send`` calls (the worker sends with ``send``)."""
+
+    sends = 0
+
+    def send(self, data: Any, flags: int = 0, /) -> int:
+        self.sends += 1
+        return super().send(data, flags)
+
+
+def test_a_small_response_leaves_in_one_send() -> None:
+    """Head and body in one system call: one wake-up of the reader, not two."""
+    plain, client_sock = socket.socketpair()
+    server_sock = SendCountingSocket(plain.family, plain.type, fileno=plain.detach())
+    with server_sock, client_sock:
+        thread = threading.Thread(
+            target=serve_connection, args=(hello_app, server_sock), daemon=True
+        )
+        thread.start()
+        client_sock.settimeout(TIMEOUT)
+        client_sock.sendall(b"GET /x HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        response = recv_all(client_sock)
+        thread.join(TIMEOUT)
+        assert not thread.is_alive()
+    assert response.startswith(b"HTTP/1.1 201 ")
+    assert response.endswith(b"\r\n\r\nhello /x")
+    assert server_sock.sends == 1

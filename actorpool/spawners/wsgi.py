@@ -21,7 +21,8 @@ from __future__ import annotations
 import http
 import io
 import logging
-import selectors
+import math
+import select
 import socket
 import sys
 import time
@@ -117,19 +118,21 @@ def serve_forever(
     # Non-blocking: a client that gives up between select and accept must
     # not leave us blocked in accept() with the lifeline unwatched.
     listener.setblocking(False)
-    with selectors.DefaultSelector() as selector:
-        selector.register(listener, selectors.EVENT_READ)
-        if lifeline is not None:
-            selector.register(lifeline, selectors.EVENT_READ)
-        while True:
-            ready = {key.fd for key, _ in selector.select()}
-            if lifeline in ready:
+    poller = select.poll()
+    poller.register(listener, select.POLLIN)
+    if lifeline is not None:
+        poller.register(lifeline, select.POLLIN)
+    while True:
+        # Under load the next connection is usually queued already: try to
+        # accept it before asking poll (the lifeline is watched by every
+        # wait inside a connection, and here whenever none is queued).
+        conn = _accept(listener)
+        if conn is None:
+            if any(fd == lifeline for fd, _ in poller.poll()):
                 return
-            conn = _accept(listener)
-            if conn is not None and not _serve_accepted(
-                app, conn, lifeline, server_name
-            ):
-                return
+            continue
+        if not _serve_accepted(app, conn, lifeline, server_name):
+            return
 
 
 def serve_connection(
@@ -334,15 +337,16 @@ class _Channel:
         self.failure: Exception | None = None
         self._eof = False
         self._lifeline = lifeline
-        self._selector = selectors.DefaultSelector()
-        self._events = selectors.EVENT_READ
-        self._selector.register(sock, self._events)
+        # A poll object, not an epoll selector: it costs no system calls to
+        # set up and tear down, and there is one per connection.
+        self._poller = select.poll()
+        self._events = select.POLLIN
+        self._poller.register(sock, self._events)
         if lifeline is not None:
-            self._selector.register(lifeline, selectors.EVENT_READ)
+            self._poller.register(lifeline, select.POLLIN)
 
     def close(self) -> None:
-        """Release the selector (the socket is the caller's)."""
-        self._selector.close()
+        """Nothing to release any more (the socket is the caller's)."""
 
     def next_event(self) -> h11.Event:
         """The client's next event, receiving as much as it takes."""
@@ -354,11 +358,14 @@ class _Channel:
             self.failure = exc
             raise
 
-    def send(self, event: h11.Event) -> None:
-        """Send `event`, waiting for room in the socket as often as needed."""
+    def send(self, *events: h11.Event | None) -> None:
+        """Send `events` (None ones skipped), waiting for room as often as needed."""
         if isinstance(self.failure, _Abort):
             raise self.failure
-        pieces = self.http.send_with_data_passthrough(event) or []
+        pieces: list[bytes] = []
+        for event in events:
+            if event is not None:
+                pieces += self.http.send_with_data_passthrough(event) or []
         # h11 frames a chunk as three pieces; join small ones into one send.
         if sum(map(len, pieces)) <= _RECV_SIZE:
             pieces = [b"".join(pieces)]
@@ -375,10 +382,12 @@ class _Channel:
         Raises :class:`_LifelineFired` if the lifeline is readable.
         """
         if events != self._events:
-            self._selector.modify(self.sock, events)
+            self._poller.modify(self.sock, events)
             self._events = events
-        ready = self._selector.select(timeout)
-        if any(key.fd == self._lifeline for key, _ in ready):
+        ready = self._poller.poll(
+            None if timeout is None else math.ceil(timeout * 1000)
+        )
+        if any(fd == self._lifeline for fd, _ in ready):
             raise _LifelineFired("the lifeline reached end of file")
         return bool(ready)
 
@@ -440,11 +449,11 @@ class _Channel:
         deadline = time.monotonic() + _LINGER_SECONDS
         discarded = 0
         while discarded <= _DRAIN_LIMIT:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0 or not self.wait(selectors.EVENT_READ, remaining):
-                return
             data = self._recv()
             if data is None:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0 or not self.wait(select.POLLIN, remaining):
+                    return
                 continue
             if not data:
                 return
@@ -464,11 +473,14 @@ class _Channel:
                 return event
             if event is h11.PAUSED:
                 raise RuntimeError("h11 paused: the client sent past a request")
-            self.wait(selectors.EVENT_READ)
+            # Read first, wait only if nothing is there: a request is usually
+            # in the socket by the time its connection is accepted.
             data = self._recv()
-            if data is not None:
-                self._eof = not data
-                self.http.receive_data(data)
+            if data is None:
+                self.wait(select.POLLIN)
+                continue
+            self._eof = not data
+            self.http.receive_data(data)
 
     def _recv(self) -> bytes | None:
         """Bytes from the socket (``b""`` at EOF), None if none were ready."""
@@ -486,7 +498,7 @@ class _Channel:
             try:
                 sent = self.sock.send(view, _MSG_NOSIGNAL)
             except BlockingIOError:
-                self.wait(selectors.EVENT_WRITE)
+                self.wait(select.POLLOUT)
                 continue
             except OSError as exc:
                 raise _PeerGone(f"send failed: {exc}") from exc
@@ -579,20 +591,24 @@ class _Responder:
             raise TypeError(f"WSGI body chunks must be bytes, not {type(data)}")
         if not data:
             return
-        self._send_head(self._response)
         # A response to HEAD has no body (h11 would refuse one); skip it.
-        if not self._head:
-            self._channel.send(h11.Data(data=data))
+        body = None if self._head else h11.Data(data=data)
+        if self._head_sent:
+            if body is not None:
+                self._channel.send(body)
+            return
+        # The head goes out in one send with the first chunk: one system
+        # call, and one wake-up of the reader, fewer per response.
+        self._head_sent = True
+        self._channel.send(self._channel.prepare(self._response), body)
 
     def finish(self) -> None:
         """End the response, sending the head first if no body went out."""
         if self._response is None:
             raise RuntimeError("the application returned without start_response()")
-        self._send_head(self._response)
-        self._channel.send(h11.EndOfMessage())
-
-    def _send_head(self, response: h11.Response) -> None:
-        """Send the status line and headers, once."""
-        if not self._head_sent:
-            self._channel.send(self._channel.prepare(response))
+        if self._head_sent:
+            self._channel.send(h11.EndOfMessage())
+        else:
             self._head_sent = True
+            head = self._channel.prepare(self._response)
+            self._channel.send(head, h11.EndOfMessage())
