@@ -102,6 +102,16 @@ BLOCK = bytes(range(256)) * 4096
 """The 1 MiB block the app's ``/big`` repeats."""
 
 
+class SendallCountingSocket(socket.socket):
+    """A socket that counts its ``sendall`` calls (the proxy's way to send)."""
+
+    sendalls = 0
+
+    def sendall(self, data: Any, flags: int = 0, /) -> None:
+        self.sendalls += 1
+        super().sendall(data, flags)
+
+
 @dataclasses.dataclass
 class Front:
     """A listener, an accept thread and a serve_client thread per connection."""
@@ -116,6 +126,8 @@ class Front:
     _closing: bool = False
     _acceptor: threading.Thread = dataclasses.field(init=False)
     _clients: list[threading.Thread] = dataclasses.field(default_factory=list)
+    connections: list[SendallCountingSocket] = dataclasses.field(default_factory=list)
+    """The accepted client connections, in order."""
 
     def start(self) -> None:
         self.listener = socket.create_server(("127.0.0.1", 0))
@@ -179,6 +191,8 @@ class Front:
                 conn.close()
                 return
             self.accepts += 1
+            conn = SendallCountingSocket(conn.family, conn.type, fileno=conn.detach())
+            self.connections.append(conn)
             thread = threading.Thread(
                 target=self._serve, args=(conn, address[0]), name="client"
             )
@@ -243,6 +257,16 @@ def test_a_request_gets_the_apps_response(front: StartFront, app: str) -> None:
     assert (seen["SCRIPT_NAME"], seen["PATH_INFO"]) == ("", "/hello")
     assert seen["QUERY_STRING"] == "x=1"
     assert seen["HTTP_X_FORWARDED_FOR"] == "127.0.0.1"
+
+
+def test_a_small_response_leaves_in_one_send(front: StartFront, app: str) -> None:
+    """The head and the body the app sent with it go to the client together."""
+    proxy = front([app])
+    status, _, body = proxy.get("/hello")
+    assert status == 200
+    assert json.loads(body)["PATH_INFO"] == "/hello"
+    proxy.join_clients()
+    assert [conn.sendalls for conn in proxy.connections] == [1]
 
 
 def test_script_name_and_path_info_by_prefix_and_host(

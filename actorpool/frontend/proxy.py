@@ -24,7 +24,7 @@ import socket
 import threading
 import time
 import urllib.parse
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 
 import h11
 
@@ -236,7 +236,9 @@ def _handle(client: _Client, request: h11.Request, context: _Context) -> None:
 
 def _relay(client: _Client, session: Session, request: h11.Request) -> None:
     """Forward `request` to the session's app and its response to the client."""
-    app = _App(session.socket)
+    # What goes to the client is held back only while the app's next bytes
+    # are already read: it leaves before any wait for more.
+    app = _App(session.socket, before_wait=client.flush)
     try:
         _send_request(client, app, request)
         response = app.next_response()
@@ -249,10 +251,11 @@ def _relay(client: _Client, session: Session, request: h11.Request) -> None:
         )
         return
     headers = _end_to_end(response, set())
-    client.send(client.response(response.status_code, headers, response.reason))
+    head = client.response(response.status_code, headers, response.reason)
+    client.send(head, flush=False)
     try:
         for data in app.body():
-            client.send(h11.Data(data=data))
+            client.send(h11.Data(data=data), flush=False)
     except _AppError as exc:
         # The status is out already: all the client can be told is that
         # the response is cut short, by losing the connection.
@@ -263,8 +266,9 @@ def _relay(client: _Client, session: Session, request: h11.Request) -> None:
             exc,
         )
         raise _Abort(str(exc)) from exc
+    client.send(h11.EndOfMessage(), flush=False)
+    client.flush()
     session.close()  # the app's response is all read: free its process now
-    client.send(h11.EndOfMessage())
 
 
 def _send_request(client: _Client, app: _App, request: h11.Request) -> None:
@@ -445,6 +449,7 @@ class _Client:
         self._head = False
         self._poll = select.poll()
         self._poll.register(conn, select.POLLIN)
+        self._pending: list[bytes] = []
 
     @property
     def response_started(self) -> bool:
@@ -513,18 +518,33 @@ class _Client:
             self.send(h11.Data(data=body))
         self.send(h11.EndOfMessage())
 
-    def send(self, event: h11.Event) -> None:
-        """Send `event` to the client; :class:`_Abort` if that fails."""
+    def send(self, event: h11.Event, *, flush: bool = True) -> None:
+        """Send `event` to the client; :class:`_Abort` if that fails.
+
+        With ``flush=False`` its bytes wait for the next :meth:`flush` (or
+        flushing send), so that a response head and the body that came with
+        it leave in one system call and one TCP segment.
+        """
         data = self.http.send(event)
         if isinstance(event, h11.Response):
             self.status = event.status_code
         elif isinstance(event, h11.Data):
             self.body_bytes += len(event.data)
         if data:
-            try:
-                self.conn.sendall(data)
-            except OSError as exc:
-                raise _Abort(f"sending to the client failed: {exc}") from exc
+            self._pending.append(data)
+        if flush:
+            self.flush()
+
+    def flush(self) -> None:
+        """Send what :meth:`send` held back; :class:`_Abort` if that fails."""
+        if not self._pending:
+            return
+        data = self._pending[0] if len(self._pending) == 1 else b"".join(self._pending)
+        self._pending.clear()
+        try:
+            self.conn.sendall(data)
+        except OSError as exc:
+            raise _Abort(f"sending to the client failed: {exc}") from exc
 
     def next_cycle(self) -> bool:
         """Get ready for the next request; False if the connection must close."""
@@ -634,11 +654,14 @@ class _Client:
 class _App:
     """The h11 client side of a session's connection to an app process."""
 
-    def __init__(self, sock: socket.socket) -> None:
+    def __init__(
+        self, sock: socket.socket, before_wait: Callable[[], None] = lambda: None
+    ) -> None:
         self.sock = sock
         self.http = h11.Connection(
             h11.CLIENT, max_incomplete_event_size=_APP_MAX_HEAD_SIZE
         )
+        self._before_wait = before_wait
 
     def send(self, event: h11.Event) -> None:
         """Send `event` to the app; :class:`_AppError` if that fails."""
@@ -680,6 +703,7 @@ class _App:
                 return event
             if event is h11.PAUSED:
                 raise _AppError("h11 paused: read past the end of the response")
+            self._before_wait()
             try:
                 data = self.sock.recv(_RECV_SIZE)
             except OSError as exc:
