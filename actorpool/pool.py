@@ -170,6 +170,9 @@ class _App:
     root: str
     instances: dict[int, _Instance] = dataclasses.field(default_factory=dict)
     waiters: deque[_Waiter] = dataclasses.field(default_factory=deque)
+    free: dict[int, _Instance] = dataclasses.field(default_factory=dict)
+    """The instances that can take a session, least recently used first:
+    the pick for a get and the next to reap are at the two ends."""
 
     @property
     def live(self) -> int:
@@ -244,21 +247,14 @@ class Pool:
                     earliest = w.deadline
             if self.max_idle_time <= 0:
                 continue
-            # Inlined is_idle / live: this loop is the registry's hottest.
-            live = 0
-            oldest_idle: float | None = None
-            for i in app.instances.values():
-                if i.retiring:
-                    continue
-                live += 1
-                if (
-                    i.sessions == 0
-                    and i.state is _State.READY
-                    and (oldest_idle is None or i.last_used < oldest_idle)
-                ):
-                    oldest_idle = i.last_used
-            if oldest_idle is not None and live > self.min_instances:
-                due = oldest_idle + self.max_idle_time
+            # ``free`` is in order of last use: the first idle one is the
+            # oldest (with one session per process, the very first).
+            oldest = next((i for i in app.free.values() if i.sessions == 0), None)
+            # An idle process is live: with min_instances 0 no count is needed.
+            if oldest is not None and (
+                not self.min_instances or app.live > self.min_instances
+            ):
+                due = oldest.last_used + self.max_idle_time
                 if earliest is None or due < earliest:
                     earliest = due
         return earliest
@@ -321,9 +317,17 @@ class Pool:
                 )
             ]
         deadline = None if timeout is None else now + max(0.0, timeout)
-        app.waiters.append(
-            _Waiter(client_id, request_id, app_root, deadline, next(self._arrivals))
+        waiter = _Waiter(
+            client_id, request_id, app_root, deadline, next(self._arrivals)
         )
+        if not self._anyone_waits():
+            # The common case, answered without the full dispatch: with no
+            # one queued anywhere no app wants a spawn (which could evict),
+            # so dispatching would hand this get the same process.
+            instance = self._most_recent_with_room(app)
+            if instance is not None:
+                return [self._grant(waiter, instance, now)]
+        app.waiters.append(waiter)
         decisions: list[Decision] = []
         self._dispatch(now, decisions)
         if deadline is not None and deadline <= now:
@@ -395,6 +399,7 @@ class Pool:
         if instance.retiring:  # its app restarted while it was starting
             self._remove(instance, "restart", decisions)
         else:
+            self._refresh_room(instance)
             # The waiters it was spawned for come first: an app with no
             # process must not take a process that has never served.
             self._serve_from_room(now, decisions)
@@ -524,6 +529,8 @@ class Pool:
         if instance.retiring and instance.sessions == 0:
             reason = "max-requests" if self._used_up(instance) else "retired"
             self._remove(instance, reason, decisions)
+        else:
+            self._refresh_room(instance)
         return instance.app_root
 
     def _used_up(self, instance: _Instance) -> bool:
@@ -537,6 +544,7 @@ class Pool:
                 self._remove(instance, reason, decisions)
             else:
                 instance.retiring = True
+                self._refresh_room(instance)
 
     def _remove(
         self,
@@ -547,7 +555,9 @@ class Pool:
         stop: bool = True,
     ) -> None:
         del self._instances[instance.id]
-        del self._apps[instance.app_root].instances[instance.id]
+        app = self._apps[instance.app_root]
+        del app.instances[instance.id]
+        app.free.pop(instance.id, None)
         if instance.sessions:
             # Its sessions end with it; a later close of one is a no-op.
             for sid in [
@@ -565,6 +575,7 @@ class Pool:
         instance.last_used = now
         if self._used_up(instance):
             instance.retiring = True
+        self._refresh_room(instance)
         return Grant(
             waiter.client_id,
             waiter.request_id,
@@ -598,6 +609,11 @@ class Pool:
         self, now: float, decisions: list[Decision], freed_app: str | None = None
     ) -> None:
         """Hand capacity to waiters until nothing more can be done."""
+        if not self._anyone_waits():
+            # Nothing to hand out: of the steps below only these can act.
+            self._trim(decisions)
+            self._forget_empty_apps()
+            return
         # Apps with no process at all come first (the sort puts them at the
         # front), even before the waiters of a process that has just freed
         # up: that process may be evicted for them (rule 3).
@@ -644,11 +660,35 @@ class Pool:
     def _serve_from_room(self, now: float, decisions: list[Decision]) -> None:
         for app in self._apps.values():
             while app.waiters:
-                candidates = [i for i in app.instances.values() if i.has_room]
-                if not candidates:
+                instance = self._most_recent_with_room(app)
+                if instance is None:
                     break
-                instance = max(candidates, key=lambda i: i.last_used)
                 decisions.append(self._grant(app.waiters.popleft(), instance, now))
+
+    def _anyone_waits(self) -> bool:
+        return any(app.waiters for app in self._apps.values())
+
+    @staticmethod
+    def _most_recent_with_room(app: _App) -> _Instance | None:
+        """The process of ``app`` that can take a session and was used last."""
+        # Most recently used first: its memory is the likeliest to be warm,
+        # and the others stay idle long enough to be reaped.
+        return next(reversed(app.free.values()), None)
+
+    def _refresh_room(self, instance: _Instance) -> None:
+        """Keep ``free`` true after ``instance`` changed; it goes to the end."""
+        app = self._apps[instance.app_root]
+        app.free.pop(instance.id, None)
+        if not instance.has_room:
+            return
+        last = next(reversed(app.free.values()), None)
+        app.free[instance.id] = instance
+        if last is not None and last.last_used > instance.last_used:
+            # ``now`` went back (only a caller's own clock can do that):
+            # put the order right again.
+            app.free = dict(
+                sorted(app.free.items(), key=lambda item: item[1].last_used)
+            )
 
     def _wants_spawn(self, app: _App) -> bool:
         if not app.waiters or len(app.waiters) <= app.pending_spawns:

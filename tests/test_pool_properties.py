@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import itertools
 
+import pytest
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import (
@@ -362,6 +363,29 @@ class PoolMachine(RuleBasedStateMachine):
                 full = stats.count >= stats.max_pool_size
                 capped = 0 < stats.max_per_app <= app.count
                 assert capped or (full and not idle_elsewhere[app.app_root]), app
+
+    @invariant()
+    def the_next_deadline_is_the_earliest_thing_due(self) -> None:
+        # Worked out again from the statistics, the slow way: the earliest
+        # deadline of a get still waiting, and per app above min_instances
+        # the time its longest-idle process is due to be reaped.
+        due = [g.deadline for g in self.waiting.values() if g.deadline is not None]
+        if self.pool.max_idle_time > 0:
+            for app in self.pool.statistics(self.now).apps:
+                live = sum(1 for p in app.processes if p.state != "retiring")
+                idle = [
+                    p.idle
+                    for p in app.processes
+                    if p.state == "ready" and p.sessions == 0
+                ]
+                if idle and live > self.pool.min_instances:
+                    due.append(self.now - max(idle) + self.pool.max_idle_time)
+        expected = min(due, default=None)
+        actual = self.pool.next_deadline()
+        if expected is None:
+            assert actual is None
+        else:
+            assert actual == pytest.approx(expected)
 
     @invariant()
     def every_get_answered_at_most_once(self) -> None:
