@@ -771,3 +771,22 @@ def test_a_small_response_leaves_in_one_send() -> None:
     assert response.startswith(b"HTTP/1.1 201 ")
     assert response.endswith(b"\r\n\r\nhello /x")
     assert server_sock.sends == 1
+
+
+def test_on_a_unix_socket_closing_does_not_wait_for_the_client(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A Unix socket loses no response bytes on close: no linger, no wake-up."""
+    monkeypatch.setattr(wsgi, "_LINGER_SECONDS", 3600.0)  # as good as for ever
+    server_sock, client_sock = socket.socketpair(socket.AF_UNIX)
+    with server_sock, client_sock:
+        thread = threading.Thread(
+            target=serve_connection, args=(hello_app, server_sock), daemon=True
+        )
+        thread.start()
+        client_sock.settimeout(TIMEOUT)
+        client_sock.sendall(b"GET /x HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        assert recv_all(client_sock).endswith(b"hello /x")
+        # The client has not closed its side, and the worker is done anyway.
+        thread.join(TIMEOUT)
+        assert not thread.is_alive()

@@ -436,9 +436,13 @@ class _Channel:
     def linger(self) -> None:
         """Close our side gracefully: send EOF, then discard what the client sends.
 
-        Closing a socket with unread input resets the connection, which can
-        destroy the response before the client has read it; so wait (bounded
-        in bytes and time) for the client to close first.
+        Closing a TCP socket with unread input resets the connection, which
+        can destroy the response before the client has read it; so wait
+        (bounded in bytes and time) for the client to close first. A Unix
+        socket delivers everything sent before a close whatever is unread
+        (the reader sees the reset only after the last byte), so there only
+        what has already arrived is discarded, and no time is spent waiting:
+        that wait was a wake-up of the worker for every request.
         """
         if self._eof:
             return
@@ -446,11 +450,14 @@ class _Channel:
             self.sock.shutdown(socket.SHUT_WR)
         except OSError:
             return
+        wait = self.sock.family != socket.AF_UNIX
         deadline = time.monotonic() + _LINGER_SECONDS
         discarded = 0
         while discarded <= _DRAIN_LIMIT:
             data = self._recv()
             if data is None:
+                if not wait:
+                    return
                 remaining = deadline - time.monotonic()
                 if remaining <= 0 or not self.wait(select.POLLIN, remaining):
                     return
