@@ -754,20 +754,31 @@ class SendCountingSocket(socket.socket):
         return super().send(data, flags)
 
 
+def closing_request_over(
+    server_sock: socket.socket, client_sock: socket.socket
+) -> bytes:
+    """Serve one ``Connection: close`` GET on `server_sock`; the whole response.
+
+    Checks that serving ends while the client still holds its side open.
+    """
+    thread = threading.Thread(
+        target=serve_connection, args=(hello_app, server_sock), daemon=True
+    )
+    thread.start()
+    client_sock.settimeout(TIMEOUT)
+    client_sock.sendall(b"GET /x HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+    response = recv_all(client_sock)
+    thread.join(TIMEOUT)
+    assert not thread.is_alive()
+    return response
+
+
 def test_a_small_response_leaves_in_one_send() -> None:
     """Head and body in one system call: one wake-up of the reader, not two."""
     plain, client_sock = socket.socketpair()
     server_sock = SendCountingSocket(plain.family, plain.type, fileno=plain.detach())
     with server_sock, client_sock:
-        thread = threading.Thread(
-            target=serve_connection, args=(hello_app, server_sock), daemon=True
-        )
-        thread.start()
-        client_sock.settimeout(TIMEOUT)
-        client_sock.sendall(b"GET /x HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
-        response = recv_all(client_sock)
-        thread.join(TIMEOUT)
-        assert not thread.is_alive()
+        response = closing_request_over(server_sock, client_sock)
     assert response.startswith(b"HTTP/1.1 201 ")
     assert response.endswith(b"\r\n\r\nhello /x")
     assert server_sock.sends == 1
@@ -780,13 +791,5 @@ def test_on_a_unix_socket_closing_does_not_wait_for_the_client(
     monkeypatch.setattr(wsgi, "_LINGER_SECONDS", 3600.0)  # as good as for ever
     server_sock, client_sock = socket.socketpair(socket.AF_UNIX)
     with server_sock, client_sock:
-        thread = threading.Thread(
-            target=serve_connection, args=(hello_app, server_sock), daemon=True
-        )
-        thread.start()
-        client_sock.settimeout(TIMEOUT)
-        client_sock.sendall(b"GET /x HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
-        assert recv_all(client_sock).endswith(b"hello /x")
-        # The client has not closed its side, and the worker is done anyway.
-        thread.join(TIMEOUT)
-        assert not thread.is_alive()
+        # The client does not close its side, and the worker is done anyway.
+        assert closing_request_over(server_sock, client_sock).endswith(b"hello /x")
