@@ -143,6 +143,12 @@ A ``REPLY`` with request id 0 is a connection-level error (only an
 connection too, and it is the only reply a server may send in ``ERROR``."""
 
 
+_STEPS: dict[tuple[Role, State, Direction, type], State | None] = {}
+""":data:`TRANSITIONS` by message class instead of category, filled as
+classes are met (None: not allowed): one lookup per message instead of
+finding the category first. At most roles x states x directions x classes."""
+
+
 class Connection:
     """One end of a client/server connection, with no I/O of its own."""
 
@@ -265,7 +271,7 @@ class Connection:
                 )
             end = _HEADER.size + size
             if len(self._buffer) >= end:
-                body = bytes(self._buffer[_HEADER.size : end])
+                body = self._buffer[_HEADER.size : end]  # a copy
                 del self._buffer[:end]
                 message = decode(
                     body,
@@ -316,10 +322,17 @@ class Connection:
         message: WireMessage,
         error: type[LocalProtocolError] | type[RemoteProtocolError],
     ) -> State:
-        category = getattr(type(message), "CATEGORY", None)
-        next_state = None
-        if isinstance(category, Category):
-            next_state = TRANSITIONS.get((self.role, self.state, direction, category))
+        key = (self.role, self.state, direction, type(message))
+        try:
+            next_state = _STEPS[key]
+        except KeyError:
+            category = getattr(type(message), "CATEGORY", None)
+            next_state = None
+            if isinstance(category, Category):
+                next_state = TRANSITIONS.get(
+                    (self.role, self.state, direction, category)
+                )
+            _STEPS[key] = next_state
         if next_state is None:
             verb = "send" if direction is _SEND else "receive"
             raise error(
