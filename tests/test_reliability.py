@@ -3,6 +3,7 @@ dying, end to end (issue "Reliability under load, faults and bad input")."""
 
 from __future__ import annotations
 
+import http.client
 import os
 import signal
 import socket
@@ -13,7 +14,7 @@ from pathlib import Path
 
 import msgpack
 import pytest
-from test_spawners import fetch, me, write_app
+from test_spawners import me, write_app
 
 from actorpool import (
     ActorPoolError,
@@ -160,7 +161,13 @@ def test_no_descriptor_is_inherited_beyond_those_named(
         server = start_server(DirectSpawner(), user=me())
         pool = server.connect()
         with pool.get(write_app(tmp_path / "app")) as session:
-            fetch(session)  # the worker has accepted our connection by now
+            # Keep-alive: once the answer is in, the worker holds our
+            # connection, waiting for the next request.
+            session.socket.sendall(b"GET / HTTP/1.1\r\nHost: test\r\n\r\n")
+            response = http.client.HTTPResponse(session.socket)
+            response.begin()
+            assert response.status == 200
+            response.read()
             server_fds = fd_targets(server.pid)
             worker_fds = fd_targets(session.pid)
     finally:
