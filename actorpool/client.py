@@ -143,7 +143,6 @@ class ApplicationPool:
         self._forks = _forks  # see _check_process
         self._conn = Connection(Role.CLIENT)
         self._lock = threading.RLock()
-        self._cond = threading.Condition(self._lock)
         # Threads waiting for a reply while another thread reads the socket,
         # each on a condition of its own: the reader wakes just the threads
         # whose replies came in (and one successor when it leaves), not all.
@@ -191,9 +190,7 @@ class ApplicationPool:
                 None if deadline is None else max(0.0, deadline - time.monotonic())
             )
             reply = _expect(
-                self._call(
-                    functools.partial(_make_get, app_root=root, timeout=remaining)
-                ),
+                self._call(functools.partial(Get, app_root=root, timeout=remaining)),
                 SessionGranted,
             )
             sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -261,7 +258,7 @@ class ApplicationPool:
 
     def close(self) -> None:
         """Close the connection. Sessions still open are released by the server."""
-        with self._cond:
+        with self._lock:
             if self._error is None:
                 self._error = ServerGoneError("this ApplicationPool was closed")
             for follower in self._followers.values():
@@ -284,7 +281,7 @@ class ApplicationPool:
     # --- requests and replies ---------------------------------------------------
 
     def _handshake(self) -> None:
-        with self._cond, contextlib.suppress(OSError):
+        with self._lock, contextlib.suppress(OSError):
             # A server that refused the connection may have closed it already;
             # its reason is still there to read.
             self._sock.sendall(self._conn.send(Hello(PROTOCOL_VERSION, os.getpid())))
@@ -295,7 +292,7 @@ class ApplicationPool:
     def _call(self, make: Callable[[int], Request]) -> Reply:
         """Send a request and wait for its reply; raise the error it carries."""
         self._check_process()
-        with self._cond:
+        with self._lock:
             if self._error is not None:
                 raise self._error
             request_id = next(self._ids)
@@ -310,10 +307,14 @@ class ApplicationPool:
         """Send a notice (no reply). Quietly does nothing on a dead connection."""
         if self._forks != _forks:
             return
-        with self._cond:
+        with self._lock:
             if self._error is None:
-                with contextlib.suppress(ActorPoolError):
+                # Not contextlib.suppress: this runs for every session
+                # closed, and suppress costs three Python calls.
+                try:  # noqa: SIM105
                     self._send_locked(notice)
+                except ActorPoolError:
+                    pass
 
     def _send_locked(self, message: WireMessage) -> None:
         try:
@@ -325,7 +326,7 @@ class ApplicationPool:
     def _wait(self, request_id: int) -> Reply | WireMessage:
         """Block until the reply to ``request_id`` (0: the welcome) is in."""
         try:
-            with self._cond:
+            with self._lock:
                 try:
                     while request_id not in self._replies:
                         if self._error is not None:
@@ -343,7 +344,7 @@ class ApplicationPool:
             # Interrupted (KeyboardInterrupt, say): if a session is granted
             # later, give it straight back instead of leaking it.
             if request_id:
-                with self._cond:
+                with self._lock:
                     self._abandoned.add(request_id)
             raise
 
@@ -358,13 +359,13 @@ class ApplicationPool:
         """Read the socket once (lock held, released while reading)."""
         self._reading = True
         try:
-            self._cond.release()
+            self._lock.release()
             try:
                 data = self._sock.recv(_RECV_SIZE)
             except OSError:
                 data = b""
             finally:
-                self._cond.acquire()
+                self._lock.acquire()
             self._feed(data)
         finally:
             self._reading = False
@@ -430,10 +431,6 @@ def _expect(reply: Reply, kind: type[_R]) -> _R:
             f"expected {kind.__name__}, the server answered {type(reply).__name__}"
         )
     return reply
-
-
-def _make_get(request_id: int, *, app_root: str, timeout: float | None) -> Get:
-    return Get(request_id, app_root, timeout)
 
 
 def _check_int(name: str, value: object, minimum: int) -> None:
