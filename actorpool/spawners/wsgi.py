@@ -123,15 +123,14 @@ def serve_forever(
     if lifeline is not None:
         poller.register(lifeline, select.POLLIN)
     while True:
-        # Under load the next connection is usually queued already: try to
-        # accept it before asking poll (the lifeline is watched by every
-        # wait inside a connection, and here whenever none is queued).
+        # Wait first: the pool hands this process to the next client only
+        # once the last one is done with it, so when a connection ends the
+        # next one has seldom arrived yet (an accept tried first would fail
+        # for nearly every request).
+        if any(fd == lifeline for fd, _ in poller.poll()):
+            return
         conn = _accept(listener)
-        if conn is None:
-            if any(fd == lifeline for fd, _ in poller.poll()):
-                return
-            continue
-        if not _serve_accepted(app, conn, lifeline, server_name):
+        if conn is not None and not _serve_accepted(app, conn, lifeline, server_name):
             return
 
 
