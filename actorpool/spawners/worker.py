@@ -127,6 +127,11 @@ def report_failure(fd: int, exc: BaseException) -> None:
         text, trace = exc.args[0], exc.traceback
     else:
         text, trace = f"{type(exc).__name__}: {exc}", traceback.format_exc()
+    # The spawner kills the process as soon as it has the report, so what
+    # the app printed must be out of stdout's buffer (a pipe's is not flushed
+    # per line) before the report goes.
+    with contextlib.suppress(Exception):
+        sys.stdout.flush()
     print(trace or text, file=sys.stderr, flush=True)
     with contextlib.suppress(OSError):
         write_message(fd, ["error", text, trace])
