@@ -28,7 +28,12 @@ least that piece could do or the baseline pool's counterpart:
     doing the same. Timed, it is the round trip as the client sees it
     (``bench_pool.py``'s (a)); counted, only the client process's own
     instructions, which is what each of ``bench_pool.py``'s client processes
-    spends of the machine.
+    spends of the machine;
+(d) counted only (``--instructions``): the pool server process's share of a
+    get+close from one client (its every thread: the sockets read, the
+    codec, the actors, the policy, the reply written), against a server that
+    does the least: a loop that reads msgpack requests from a socket, answers
+    each get with a canned grant and reads each close notice.
 
 Each figure is the best of 5 repeats of 3,000, in µs per get+close, with its
 ratio to its baseline. Even these move by a third from run to run on a shared VM, so
@@ -54,7 +59,7 @@ import subprocess
 import sys
 import tempfile
 import timeit
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import msgpack
 
@@ -193,6 +198,85 @@ def managers_client(stack: contextlib.ExitStack) -> Callable[[], None]:
     return get_close
 
 
+# --- (d) the server, counted in its own process --------------------------------
+
+COUNT_FILE = "BENCH_POLICY_COUNT_FILE"
+"""Environment variable: where the process under callgrind writes its counts."""
+
+RAW_SERVER = """
+import socket, sys, msgpack
+sock = socket.socket(fileno=int(sys.argv[1]))
+unpacker = msgpack.Unpacker()
+while data := sock.recv(65536):
+    unpacker.feed(data)
+    for message in unpacker:
+        if message[0] == 10:
+            sock.sendall(msgpack.packb([30, message[1], 1, 1234, message[2], "x"]))
+"""
+"""The baseline server: a canned grant for each get, close notices read."""
+
+
+@contextlib.contextmanager
+def python_under_callgrind() -> Iterator[str]:
+    """A script that runs Python under callgrind, writing to ``$COUNT_FILE``."""
+    with tempfile.TemporaryDirectory(prefix="bench-policy-") as work:
+        script = os.path.join(work, "python")
+        with open(script, "w") as file:
+            file.write(
+                "#!/bin/sh\nexec valgrind -q --tool=callgrind"
+                f' --callgrind-out-file="${COUNT_FILE}" {sys.executable} "$@"\n'
+            )
+        os.chmod(script, 0o755)
+        yield script
+
+
+def actorpool_server(stack: contextlib.ExitStack) -> Callable[[], None]:
+    python = stack.enter_context(python_under_callgrind())
+    real, sys.executable = sys.executable, python  # the server is started with it
+    try:
+        server = stack.enter_context(
+            ApplicationPoolServer(PoolConfig(max_pool_size=1), spawner=EchoSpawner())
+        )
+    finally:
+        sys.executable = real
+    pool = stack.enter_context(server.connect())
+    app = stack.enter_context(tempfile.TemporaryDirectory(prefix="bench-app-"))
+
+    def get_close() -> None:
+        with pool.get(app):
+            pass
+
+    get_close()  # the spawn
+    return get_close
+
+
+def raw_server(stack: contextlib.ExitStack) -> Callable[[], None]:
+    python = stack.enter_context(python_under_callgrind())
+    ours, theirs = socket.socketpair()
+    stack.enter_context(ours)
+    with theirs:
+        process = subprocess.Popen(
+            [python, "-c", RAW_SERVER, str(theirs.fileno())],
+            pass_fds=[theirs.fileno()],
+        )
+    stack.callback(process.wait)
+    stack.callback(ours.shutdown, socket.SHUT_WR)  # its end of file: it exits
+    unpacker = msgpack.Unpacker()
+    ids = itertools.count(1)
+
+    def get_close() -> None:
+        request_id = next(ids)
+        ours.sendall(msgpack.packb([10, request_id, APP, None]))
+        while next(unpacker, None) is None:
+            unpacker.feed(ours.recv(65536))
+        ours.sendall(msgpack.packb([20, request_id]))
+
+    return get_close
+
+
+COUNTED_ELSEWHERE = {"server", "raw-server"}
+"""Cases counted in a process they start under callgrind, not in the runner."""
+
 Factory = Callable[[contextlib.ExitStack], Callable[[], None]]
 
 CASES: dict[str, tuple[str, Factory]] = {
@@ -209,6 +293,8 @@ CASES: dict[str, tuple[str, Factory]] = {
     "raw": ("", lambda _: raw_get_close),
     "client": ("(c) client process, get + connect + close", actorpool_client),
     "managers-client": ("", managers_client),
+    "server": ("(d) server process, get + close", actorpool_server),
+    "raw-server": ("", raw_server),
 }
 """Each case: its row's name (none for a baseline) and what makes its loop body."""
 
@@ -218,6 +304,7 @@ ROWS = [
     ("policy-32-busy", "stacks-32-busy"),
     ("codec", "raw"),
     ("client", "managers-client"),
+    ("server", "raw-server"),
 ]
 """Each row: a case of ours and its baseline."""
 
@@ -230,18 +317,13 @@ def seconds_per_call(case: str, number: int) -> float:
 def instructions_per_call(case: str) -> float:
     """Instructions per call of ``case``'s loop body, counted by callgrind."""
 
+    valgrind = ["valgrind", "--tool=callgrind", "--callgrind-out-file=/dev/null"]
+    if case in COUNTED_ELSEWHERE:
+        valgrind = []  # the case starts its own process under callgrind
+
     def count(iterations: int) -> int:
         run = subprocess.run(
-            [
-                "valgrind",
-                "--tool=callgrind",
-                "--callgrind-out-file=/dev/null",
-                sys.executable,
-                __file__,
-                "--run",
-                case,
-                str(iterations),
-            ],
+            [*valgrind, sys.executable, __file__, "--run", case, str(iterations)],
             capture_output=True,
             text=True,
             check=True,
@@ -269,10 +351,17 @@ def main() -> None:
     args = parser.parse_args()
     if args.run:  # one case's loop, for callgrind to count
         case, iterations = args.run[0], int(args.run[1])
-        with contextlib.ExitStack() as stack:
-            body = CASES[case][1](stack)
-            for _ in range(iterations):
-                body()
+        with tempfile.TemporaryDirectory(prefix="bench-policy-") as work:
+            os.environ[COUNT_FILE] = os.path.join(work, "callgrind.out")
+            with contextlib.ExitStack() as stack:
+                body = CASES[case][1](stack)
+                for _ in range(iterations):
+                    body()
+            if case in COUNTED_ELSEWHERE:  # that process has exited: read it
+                with open(os.environ[COUNT_FILE]) as file:
+                    match = re.search(r"^summary: (\d+)$", file.read(), re.MULTILINE)
+                assert match is not None, "callgrind wrote no summary"
+                print(f"Collected : {match[1]}", file=sys.stderr)
         return
     print(f"# bench_policy: Python {sys.version.split()[0]}")
     if args.instructions:
@@ -289,6 +378,8 @@ def main() -> None:
     print(f"per get+close, in {unit}")
     print(f"{'':40} {'actorpool':>12} {'baseline':>12} {'ratio':>7}")
     for ours, baseline in ROWS:
+        if ours in COUNTED_ELSEWHERE and not args.instructions:
+            continue  # a server under callgrind: only counting makes sense
         mine, theirs = measure(ours), measure(baseline)
         figures = (
             f"{mine:12,.0f} {theirs:12,.0f}"
