@@ -249,7 +249,11 @@ class Pool:
                 continue
             # ``free`` is in order of last use: the first idle one is the
             # oldest (with one session per process, the very first).
-            oldest = next((i for i in app.free.values() if i.sessions == 0), None)
+            oldest = None
+            for instance in app.free.values():
+                if instance.sessions == 0:
+                    oldest = instance
+                    break
             # An idle process is live: with min_instances 0 no count is needed.
             if oldest is not None and (
                 not self.min_instances or app.live > self.min_instances

@@ -62,6 +62,7 @@ class SocketReader:
         self._closed = False  # asked to stop
         self._stopped = False  # the loop has stopped reading
         self._loop_thread: threading.Thread | None = None
+        self._loop_ident: int | None = None  # get_ident() of _loop_thread, cheaper
         self._own_thread: threading.Thread | None = None
 
     def __repr__(self) -> str:
@@ -77,9 +78,7 @@ class SocketReader:
         """Queue ``item``; wakes the loop unless called from it."""
         with self._lock:
             self._items.append(item)
-            wake = (
-                not self._woken and threading.current_thread() is not self._loop_thread
-            )
+            wake = not self._woken and threading.get_ident() != self._loop_ident
             if wake:
                 self._woken = True
         if wake:
@@ -87,7 +86,9 @@ class SocketReader:
 
     def get(self) -> Any:
         """The next queued item; reads sockets and runs commands until one comes."""
-        self._loop_thread = threading.current_thread()
+        if self._loop_ident != threading.get_ident():  # the first call
+            self._loop_thread = threading.current_thread()
+            self._loop_ident = threading.get_ident()
         while True:
             with self._lock:
                 if self._items:
@@ -157,6 +158,7 @@ class SocketReader:
             self._stop_loop()
 
     def _serve(self) -> None:
+        self._loop_ident = threading.get_ident()
         try:
             while not self._closed:
                 self._poll()

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
 import threading
 import time
 from collections.abc import Callable
@@ -191,7 +190,8 @@ class RegistryActor(pykka.ThreadingActor):
 
     def _on_get(self, client_id: int, get: Get) -> None:
         now = self._clock()
-        if not os.path.isabs(get.app_root) or "\0" in get.app_root:
+        # startswith, not os.path.isabs (a Python function) on the hot path.
+        if not get.app_root.startswith("/") or "\0" in get.app_root:
             self._reply(
                 client_id,
                 ErrorReply(
@@ -386,10 +386,14 @@ class _Alarm:
         spurious tick per deadline is much cheaper than a thread wake-up
         per message.
         """
+        # Looked at without the lock first: this runs after every message.
+        # A stale armed time read here is one the thread is firing or about
+        # to fire, and the Tick it sends makes the registry set again.
+        armed = self._deadline
+        if deadline is None or (armed is not None and armed <= deadline):
+            return
         with self._cond:
-            if deadline is None or (
-                self._deadline is not None and self._deadline <= deadline
-            ):
+            if self._deadline is not None and self._deadline <= deadline:
                 return
             self._deadline = deadline
             self._cond.notify()

@@ -62,6 +62,10 @@ __all__ = ["ClientProxy", "ClientSessionActor", "Flush", "HangUp", "Outbox"]
 
 logger = logging.getLogger(__name__)
 
+_FOR_THE_REGISTRY = (Request, CloseSession, SessionFailed)
+"""What a client sends that the registry handles. A tuple made once: the
+``A | B | C`` union would be built anew for every message."""
+
 MAX_REQUEST_FRAME = 64 * 1024
 """Largest frame a client may send; every request is far smaller."""
 
@@ -335,7 +339,7 @@ class ClientSessionActor(pykka.ThreadingActor):
             for event in events:
                 if isinstance(event, Hello):
                     self.actor_ref.tell(event)  # answering is the actor's job
-                elif isinstance(event, Request | CloseSession | SessionFailed):
+                elif isinstance(event, _FOR_THE_REGISTRY):
                     try:
                         self._registry.tell(ClientRequest(self._client_id, event))
                     except pykka.ActorDeadError:
