@@ -41,7 +41,7 @@ ratio to its baseline. Even these move by a third from run to run on a shared VM
 callgrind (``apt-get install -y valgrind``): the same count every run, whatever
 else the machine does. Each case runs in a process of its own under callgrind,
 twice, with 200 and 1,200 get+closes; the difference over 1,000 is the count
-per get+close, start-up and warm-up cancelled out (about two minutes)::
+per get+close, start-up and warm-up cancelled out (about five minutes)::
 
     python benchmarks/bench_policy.py --instructions
 """
