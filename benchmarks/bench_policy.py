@@ -166,9 +166,20 @@ def raw_get_close() -> None:
 
 
 def actorpool_client(stack: contextlib.ExitStack) -> Callable[[], None]:
-    server = stack.enter_context(
-        ApplicationPoolServer(PoolConfig(max_pool_size=1), spawner=EchoSpawner())
-    )
+    return get_close_on_a_server(stack, sys.executable)
+
+
+def get_close_on_a_server(
+    stack: contextlib.ExitStack, python: str
+) -> Callable[[], None]:
+    """A get+close on a pool server started with ``python``, after its spawn."""
+    real, sys.executable = sys.executable, python  # the server is started with it
+    try:
+        server = stack.enter_context(
+            ApplicationPoolServer(PoolConfig(max_pool_size=1), spawner=EchoSpawner())
+        )
+    finally:
+        sys.executable = real
     pool = stack.enter_context(server.connect())
     app = stack.enter_context(tempfile.TemporaryDirectory(prefix="bench-app-"))
 
@@ -231,23 +242,7 @@ def python_under_callgrind() -> Iterator[str]:
 
 
 def actorpool_server(stack: contextlib.ExitStack) -> Callable[[], None]:
-    python = stack.enter_context(python_under_callgrind())
-    real, sys.executable = sys.executable, python  # the server is started with it
-    try:
-        server = stack.enter_context(
-            ApplicationPoolServer(PoolConfig(max_pool_size=1), spawner=EchoSpawner())
-        )
-    finally:
-        sys.executable = real
-    pool = stack.enter_context(server.connect())
-    app = stack.enter_context(tempfile.TemporaryDirectory(prefix="bench-app-"))
-
-    def get_close() -> None:
-        with pool.get(app):
-            pass
-
-    get_close()  # the spawn
-    return get_close
+    return get_close_on_a_server(stack, stack.enter_context(python_under_callgrind()))
 
 
 def raw_server(stack: contextlib.ExitStack) -> Callable[[], None]:
