@@ -446,8 +446,6 @@ _CHECKS: dict[Any, Callable[[Any], Any]] = {
 }
 
 
-# Per class, once: the field names and each field's check. encode() and
-# decode() run for every message, and dataclasses.fields() per call is slow.
 def _field_getter(names: tuple[str, ...]) -> Callable[[Any], tuple[Any, ...]]:
     """A function giving the values of fields ``names``, as a tuple."""
     if len(names) > 1:
@@ -458,6 +456,9 @@ def _field_getter(names: tuple[str, ...]) -> Callable[[Any], tuple[Any, ...]]:
     return lambda message: ()
 
 
+# Per class, once: the field names, each field's check and a getter of all
+# the values. encode() and decode() run for every message, and
+# dataclasses.fields() per call is slow.
 _FIELD_NAMES: dict[type[WireMessage], tuple[str, ...]] = {}
 _GET_FIELDS: dict[type[WireMessage], Callable[[Any], tuple[Any, ...]]] = {}
 for _cls in _BY_TAG.values():

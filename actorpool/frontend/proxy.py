@@ -15,6 +15,7 @@ is ever held in memory whole.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import http
 import logging
@@ -257,8 +258,11 @@ def _relay(client: _Client, session: Session, request: h11.Request) -> None:
         for data in app.body():
             client.send(h11.Data(data=data), flush=False)
     except _AppError as exc:
-        # The status is out already: all the client can be told is that
-        # the response is cut short, by losing the connection.
+        # The status is out already (or about to be: what was held back
+        # goes now): all the client can be told is that the response is cut
+        # short, by losing the connection.
+        with contextlib.suppress(_Abort):
+            client.flush()
         logger.error(
             "%s (pid %d): %s after the response began; dropping the client",
             session.app_root,
