@@ -12,14 +12,16 @@ import stat
 import subprocess
 import sys
 import textwrap
+import threading
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from actorpool import ApplicationPoolServer, PoolConfig, Session, SpawnError
-from actorpool.spawner import Spawner
+from actorpool.spawner import Spawner, SpawnRequest
 from actorpool.spawners import DirectSpawner, SmartSpawner
 
 pytestmark = pytest.mark.slow
@@ -413,6 +415,50 @@ def test_an_idle_preloader_is_stopped_and_its_workers_live_on(
         assert fetch(session).startswith("hello ")
     with pool.get(app) as session:  # the same worker, idle in the pool
         assert session.pid == worker
+
+
+def test_a_preloader_still_loading_is_not_idle(
+    tmp_path: Path, wait_until: Callable[..., None]
+) -> None:
+    """The idle timer firing while the app loads must not stop the preloader.
+
+    The app's import blocks on a FIFO until the timer has fired; before the
+    fix the timer found it unused for longer than its idle time, closed its
+    control socket, and the spawn failed ("Bad file descriptor").
+    """
+    gate = tmp_path / "gate"
+    os.mkfifo(gate)
+    app = write_app(tmp_path / "app", f"open({os.fspath(gate)!r}).read()\n{HELLO}")
+    socket_dir = tmp_path / "sockets"
+    socket_dir.mkdir(mode=0o700)
+    spawner = SmartSpawner(max_preloader_idle_time=0.05)
+    timer_fired = threading.Event()
+    on_idle = spawner._idle
+
+    def idle(preloader: Any) -> None:
+        on_idle(preloader)
+        timer_fired.set()
+
+    spawner._idle = idle  # type: ignore[method-assign]
+    spawner.start(os.fspath(socket_dir))
+    try:
+        with ThreadPoolExecutor(1) as executor:
+            request = SpawnRequest(1, app, os.fspath(socket_dir), 30.0, me())
+            spawning = executor.submit(spawner.spawn, request)
+            try:
+                fired = timer_fired.wait(30.0)
+            finally:
+                with open(gate, "w") as writer:  # lets the import go on
+                    writer.write("go")
+            assert fired, "the idle timer never fired"
+            instance = spawning.result(30.0)
+        try:
+            assert instance.pid in processes_in(tmp_path)
+        finally:
+            instance.stop()
+            instance.wait()
+    finally:
+        spawner.close()
 
 
 # --- nothing outlives the server ---------------------------------------------------

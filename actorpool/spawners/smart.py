@@ -104,7 +104,11 @@ class SmartSpawner(Spawner):
             return start_direct(spec, user, address, request.timeout, live.lifeline)
         deadline = time.monotonic() + request.timeout
         preloader = self._preloader(live, spec, user, deadline)
-        pid = preloader.fork(address, deadline)
+        try:
+            pid = preloader.fork(address, deadline)
+        finally:
+            with live.lock:
+                preloader.users -= 1
         return PidfdInstance(pid, address)
 
     def app_restarted(self, app_root: str) -> None:
@@ -141,10 +145,14 @@ class SmartSpawner(Spawner):
                     spec, user, live.lifeline, self.max_preloader_idle_time, self._idle
                 )
                 live.preloaders[spec.app_root] = preloader
+            # Held until the fork is done: a preloader still loading, or
+            # forking, is not idle, however long that takes.
+            preloader.users += 1
         try:
             preloader.wait_ready(deadline)
         except SpawnError:
             with live.lock:
+                preloader.users -= 1
                 if live.preloaders.get(spec.app_root) is preloader:
                     del live.preloaders[spec.app_root]
             preloader.stop(kill=True)
@@ -157,6 +165,11 @@ class SmartSpawner(Spawner):
             return
         with live.lock:
             if live.preloaders.get(preloader.app_root) is not preloader:
+                return
+            if preloader.users:
+                # A spawn holds it (it may still be loading): look again a
+                # whole idle time from now.
+                preloader.touch(self.max_preloader_idle_time)
                 return
             if not preloader.idle_for(self.max_preloader_idle_time):
                 preloader.touch()  # used since the timer was set: look again later
@@ -201,6 +214,9 @@ class _Preloader:
         self._stopped = False
         self._last_used = time.monotonic()
         self._timer: threading.Timer | None = None
+        self.users = 0
+        """Spawns that hold it, waiting for it to load or forking: while any
+        does, it is not idle. Changed under the spawner's lock."""
         self._unpacker = msgpack.Unpacker(raw=False, max_buffer_size=MAX_MESSAGE)
         self._process: subprocess.Popen[bytes] | None = None
         self._control, child_end = socket.socketpair()
@@ -257,12 +273,13 @@ class _Preloader:
             and self._error is None
         )
 
-    def touch(self) -> None:
-        """(Re)arm the idle timer, from the last use."""
+    def touch(self, delay: float | None = None) -> None:
+        """(Re)arm the idle timer: ``delay`` s from now, else from the last use."""
         if self._timer is not None:
             self._timer.cancel()
         if self._idle_time > 0 and not self._stopped:
-            delay = self._last_used + self._idle_time - time.monotonic()
+            if delay is None:
+                delay = self._last_used + self._idle_time - time.monotonic()
             self._timer = threading.Timer(max(0.0, delay), self._on_idle, args=(self,))
             self._timer.daemon = True
             self._timer.start()
