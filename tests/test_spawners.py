@@ -417,9 +417,7 @@ def test_an_idle_preloader_is_stopped_and_its_workers_live_on(
         assert session.pid == worker
 
 
-def test_a_preloader_still_loading_is_not_idle(
-    tmp_path: Path, wait_until: Callable[..., None]
-) -> None:
+def test_a_preloader_still_loading_is_not_idle(tmp_path: Path) -> None:
     """The idle timer firing while the app loads must not stop the preloader.
 
     The app's import blocks on a FIFO until the timer has fired; before the
