@@ -2,7 +2,7 @@
 
 Run from the repository root::
 
-    python benchmarks/bench_policy.py            # a few seconds
+    python benchmarks/bench_policy.py            # under ten seconds
     python benchmarks/bench_policy.py --quick    # a smoke run
 
 ``bench_pool.py`` measures whole round trips between processes, whose
@@ -36,10 +36,11 @@ least that piece could do or the baseline pool's counterpart:
     each get with a canned grant and reads each close notice.
 
 Each figure is the best of 5 repeats of 3,000, in µs per get+close, with its
-ratio to its baseline. Even these move by a third from run to run on a shared VM, so
-``--instructions`` counts instead what each case executes, with valgrind's
-callgrind (``apt-get install -y valgrind``): the same count every run, whatever
-else the machine does. Each case runs in a process of its own under callgrind,
+ratio to its baseline. Even these move by a third from run to run on a
+shared VM, so ``--instructions`` counts instead what each case executes, with
+valgrind's callgrind (``apt-get install -y valgrind``): the same count every
+run, whatever else the machine does. Each case runs in a process of its own
+under callgrind,
 twice, with 200 and 1,200 get+closes; the difference over 1,000 is the count
 per get+close, start-up and warm-up cancelled out (about five minutes)::
 
