@@ -40,9 +40,9 @@ ratio to its baseline. Even these move by a third from run to run on a
 shared VM, so ``--instructions`` counts instead what each case executes, with
 valgrind's callgrind (``apt-get install -y valgrind``): the same count every
 run, whatever else the machine does. Each case runs in a process of its own
-under callgrind,
-twice, with 200 and 1,200 get+closes; the difference over 1,000 is the count
-per get+close, start-up and warm-up cancelled out (about five minutes)::
+under callgrind, twice, with 200 and 1,200 get+closes; the difference over
+1,000 is the count per get+close, start-up and warm-up cancelled out (about
+five minutes)::
 
     python benchmarks/bench_policy.py --instructions
 """
