@@ -793,3 +793,58 @@ def test_on_a_unix_socket_closing_does_not_wait_for_the_client(
     with server_sock, client_sock:
         # The client does not close its side, and the worker is done anyway.
         assert closing_request_over(server_sock, client_sock).endswith(b"hello /x")
+
+
+class ShutdownNotingSocket(socket.socket):
+    """A socket that notes when its sending side is shut down."""
+
+    shut_down = False
+
+    def shutdown(self, how: int, /) -> None:
+        self.shut_down = True
+        super().shutdown(how)
+
+
+def test_on_a_tcp_socket_closing_waits_for_the_client(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Unread input turns a TCP close into a reset, which some stacks let
+    destroy the response before it is read: so the worker shuts down its
+    side, then waits for the client to close before it lets go."""
+    monkeypatch.setattr(wsgi, "_LINGER_SECONDS", 3600.0)  # as good as for ever
+    settled = threading.Event()
+    """Set when the worker waits after shutting down, or when it is done."""
+    waited_after_shutdown = threading.Event()
+    original_wait = wsgi._Channel.wait
+
+    def wait(channel: Any, events: int, timeout: float | None = None) -> bool:
+        if getattr(channel.sock, "shut_down", False):
+            waited_after_shutdown.set()
+            settled.set()
+        return original_wait(channel, events, timeout)
+
+    monkeypatch.setattr(wsgi._Channel, "wait", wait)
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        client_sock = socket.create_connection(listener.getsockname()[:2])
+        plain, _ = listener.accept()
+    server_sock = ShutdownNotingSocket(plain.family, plain.type, fileno=plain.detach())
+
+    def serve() -> None:
+        try:
+            serve_connection(hello_app, server_sock)
+        finally:
+            settled.set()
+
+    thread = threading.Thread(target=serve, daemon=True)
+    with server_sock, client_sock:
+        thread.start()
+        client_sock.settimeout(TIMEOUT)
+        client_sock.sendall(b"GET /x HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        # The whole response, then end of file: the worker shut its side down.
+        assert recv_all(client_sock).endswith(b"\r\n\r\nhello /x")
+        assert settled.wait(TIMEOUT)
+        assert waited_after_shutdown.is_set(), "the worker let go without waiting"
+        assert thread.is_alive()
+        client_sock.close()
+        thread.join(TIMEOUT)
+        assert not thread.is_alive()
