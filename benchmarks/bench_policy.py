@@ -71,6 +71,7 @@ from actorpool.pool import Grant, Pool, Spawn
 from actorpool.protocol import Connection, Role
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import _callgrind
 import _managers_pool
 from _instances import EchoSpawner
 
@@ -312,27 +313,9 @@ def seconds_per_call(case: str, number: int) -> float:
 
 def instructions_per_call(case: str) -> float:
     """Instructions per call of ``case``'s loop body, counted by callgrind."""
-
-    valgrind = ["valgrind", "--tool=callgrind", "--callgrind-out-file=/dev/null"]
-    if case in COUNTED_ELSEWHERE:
-        valgrind = []  # the case starts its own process under callgrind
-
-    def count(iterations: int) -> int:
-        run = subprocess.run(
-            [*valgrind, sys.executable, __file__, "--run", case, str(iterations)],
-            capture_output=True,
-            text=True,
-            check=True,
-            # The same string hashes every run: dict layouts, and so the
-            # counts, do not move with hash randomization.
-            env={**os.environ, "PYTHONHASHSEED": "0"},
-        )
-        match = re.search(r"Collected : (\d+)", run.stderr)
-        if match is None:
-            raise RuntimeError(f"no instruction count from callgrind:\n{run.stderr}")
-        return int(match[1])
-
-    return (count(1200) - count(200)) / 1000
+    return _callgrind.instructions_per_call(
+        __file__, case, under_valgrind=case not in COUNTED_ELSEWHERE
+    )
 
 
 def main() -> None:
