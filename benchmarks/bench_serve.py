@@ -9,7 +9,8 @@ Run from the repository root, with wrk and gunicorn installed::
 Every server serves ``examples/hello`` (one WSGI app, ``hello world``) from
 the same number of application processes (``--processes``, 4), and wrk loads
 it with 2 threads and 16 keep-alive connections (``wrk -t2 -c16 -d10s
---latency``) after a warm-up that leaves every application process started.
+--latency``; ``--connections`` sets another number) after a warm-up that
+leaves every application process started.
 It measures, in one run, requests per second and the 99th-percentile latency
 of:
 
@@ -73,8 +74,17 @@ HELLO = ROOT / "examples" / "hello"
 FRONTEND_WORKERS = 2
 """actorpool's front-end workers: one per CPU of the 2-CPU reference machine."""
 
-WRK_THREADS = 2
-WRK_CONNECTIONS = 16
+
+@dataclasses.dataclass
+class WrkShape:
+    """How wrk loads a server: its threads and its keep-alive connections."""
+
+    threads: int = 2
+    connections: int = 16
+
+
+WRK = WrkShape()
+"""Set from ``--connections`` before any load."""
 
 SLOW_START = 5.0
 """Seconds the slow app sleeps in its start-up."""
@@ -257,14 +267,14 @@ def parse_wrk(output: str, seconds: float) -> Load:
     )
 
 
-def wrk(url: str, seconds: float) -> Load:
+def wrk(url: str, seconds: float, shape: WrkShape = WRK) -> Load:
     """Load ``url`` for ``seconds`` with wrk; its report, and wrk's own CPU."""
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     done = subprocess.run(
         [
             "wrk",
-            f"-t{WRK_THREADS}",
-            f"-c{WRK_CONNECTIONS}",
+            f"-t{shape.threads}",
+            f"-c{shape.connections}",
             f"-d{seconds:g}s",
             "--latency",
             url,
@@ -474,7 +484,7 @@ def warm_up_actorpool(
     """Load hello until it has all its processes, so none is spawned mid-run."""
     url = f"http://127.0.0.1:{serve.port}/"
     for _ in range(10):
-        wrk(url, 1)
+        wrk(url, 1, WrkShape())  # enough connections to busy every process
         if serve.processes_of(HELLO) >= processes:
             break
     else:
@@ -801,7 +811,18 @@ def main() -> None:
     parser.add_argument(
         "--no-smart", action="store_true", help="skip the smart-spawner run"
     )
+    parser.add_argument(
+        "--connections",
+        type=int,
+        default=WRK.connections,
+        help=f"wrk's keep-alive connections ({WRK.connections}); with 1, one"
+        " thread of one front-end worker does all the work",
+    )
     args = parser.parse_args()
+    if args.connections < 1:
+        parser.error("--connections must be at least 1")
+    WRK.connections = args.connections
+    WRK.threads = min(WRK.threads, args.connections)  # wrk wants threads <= conns
     check_tools()
     seconds = 3.0 if args.quick else args.seconds
     wrk_version = subprocess.run(
@@ -816,7 +837,7 @@ def main() -> None:
     )
     print(
         f"# hello with {args.processes} app processes everywhere;"
-        f" wrk -t{WRK_THREADS} -c{WRK_CONNECTIONS} -d{seconds:g}s --latency;"
+        f" wrk -t{WRK.threads} -c{WRK.connections} -d{seconds:g}s --latency;"
         f" actorpool with --workers {FRONTEND_WORKERS}"
     )
 
