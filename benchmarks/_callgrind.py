@@ -10,12 +10,23 @@ count per call, with start-up and warm-up cancelled out.
 
 from __future__ import annotations
 
+import argparse
 import os
 import re
 import subprocess
 import sys
 
-__all__ = ["instructions_per_call"]
+__all__ = ["add_arguments", "instructions_per_call"]
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--instructions`` (count, don't time), and the hidden ``--run CASE N``."""
+    parser.add_argument(
+        "--instructions",
+        action="store_true",
+        help="count instructions with callgrind instead of timing",
+    )
+    parser.add_argument("--run", nargs=2, metavar=("CASE", "N"), help=argparse.SUPPRESS)
 
 
 def instructions_per_call(

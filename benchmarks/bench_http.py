@@ -76,7 +76,7 @@ sys.path.insert(0, str(HELLO))
 from passenger_wsgi import application  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _callgrind import instructions_per_call  # noqa: E402
+from _callgrind import add_arguments, instructions_per_call  # noqa: E402
 
 from actorpool.frontend.proxy import ProxyOptions, serve_client  # noqa: E402
 from actorpool.frontend.routes import Router, parse_route  # noqa: E402
@@ -101,6 +101,23 @@ def best(runs: list[Callable[[], object]], number: int) -> list[float]:
         for index, run in enumerate(runs):
             times[index] = min(times[index], timeit.timeit(run, number=number))
     return [t / number for t in times]
+
+
+def exchange(request: bytes, serve: Callable[[socket.socket], object]) -> bytes:
+    """Have ``serve`` answer ``request`` on a fresh socket pair; the answer.
+
+    The request is already there, followed by end of file, so nothing waits:
+    the end of file stands for the client's close that gunicorn (which always
+    closes) waits for, and for the next request of a keep-alive client in
+    the front end.
+    """
+    server, client = socket.socketpair()
+    with client:
+        client.sendall(request)
+        client.shutdown(socket.SHUT_WR)
+        with server:  # closed again if serve closed it: harmless
+            serve(server)
+        return read_all(client)
 
 
 def read_all(sock: socket.socket) -> bytes:
@@ -133,15 +150,10 @@ def gunicorn_request() -> Callable[[], bytes]:
     worker = SyncWorker(0, os.getpid(), [listener], None, 30, cfg, Logger(cfg))
     worker.wsgi = application
 
-    def run() -> bytes:
-        server, client = socket.socketpair()
-        with client:
-            client.sendall(REQUEST)
-            client.shutdown(socket.SHUT_WR)  # as in the others, no linger
-            worker.handle(listener, server, ("127.0.0.1", 40000))
-            return read_all(client)
+    def serve(server: socket.socket) -> None:
+        worker.handle(listener, server, ("127.0.0.1", 40000))
 
-    return run
+    return functools.partial(exchange, REQUEST, serve)
 
 
 # --- (b) actorpool's worker --------------------------------------------------------
@@ -149,17 +161,9 @@ def gunicorn_request() -> Callable[[], bytes]:
 
 def worker_request() -> Callable[[], bytes]:
     """One request through the bundled worker, as it serves a session."""
-
-    def run() -> bytes:
-        server, client = socket.socketpair()
-        with client:
-            client.sendall(APP_REQUEST)
-            client.shutdown(socket.SHUT_WR)
-            with server:
-                serve_connection(application, server)
-            return read_all(client)
-
-    return run
+    return functools.partial(
+        exchange, APP_REQUEST, functools.partial(serve_connection, application)
+    )
 
 
 # --- (c) actorpool's front end -----------------------------------------------------
@@ -204,18 +208,10 @@ def frontend_request(app_response: bytes) -> Callable[[], bytes]:
     options = ProxyOptions()
     stopping = threading.Event()
 
-    def run() -> bytes:
-        server, client = socket.socketpair()
-        with client:
-            # Then end of file where the next request of a keep-alive
-            # client would be: serving ends there.
-            client.sendall(REQUEST)
-            client.shutdown(socket.SHUT_WR)
-            with server:
-                serve_client(server, "127.0.0.1", pool, router, options, stopping)
-            return read_all(client)
+    def serve(server: socket.socket) -> None:
+        serve_client(server, "127.0.0.1", pool, router, options, stopping)
 
-    return run
+    return functools.partial(exchange, REQUEST, serve)
 
 
 # --- the report --------------------------------------------------------------------
@@ -262,12 +258,7 @@ def check_answers(runs: dict[str, Callable[[], bytes]]) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="short smoke run")
-    parser.add_argument(
-        "--instructions",
-        action="store_true",
-        help="count instructions with callgrind instead of timing",
-    )
-    parser.add_argument("--run", nargs=2, metavar=("CASE", "N"), help=argparse.SUPPRESS)
+    add_arguments(parser)
     args = parser.parse_args()
     try:
         import gunicorn

@@ -321,12 +321,7 @@ def instructions_per_call(case: str) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="short smoke run")
-    parser.add_argument(
-        "--instructions",
-        action="store_true",
-        help="count instructions with callgrind instead of timing",
-    )
-    parser.add_argument("--run", nargs=2, metavar=("CASE", "N"), help=argparse.SUPPRESS)
+    _callgrind.add_arguments(parser)
     args = parser.parse_args()
     if args.run:  # one case's loop, for callgrind to count
         case, iterations = args.run[0], int(args.run[1])
