@@ -812,8 +812,8 @@ def test_on_a_tcp_socket_closing_waits_for_the_client(
     destroy the response before it is read: so the worker shuts down its
     side, then waits for the client to close before it lets go."""
     monkeypatch.setattr(wsgi, "_LINGER_SECONDS", 3600.0)  # as good as for ever
+    # Set when the worker waits after shutting down, or when it is done.
     settled = threading.Event()
-    """Set when the worker waits after shutting down, or when it is done."""
     waited_after_shutdown = threading.Event()
     original_wait = wsgi._Channel.wait
 
