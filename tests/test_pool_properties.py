@@ -9,7 +9,10 @@ step (design section 5.7): no more than ``max_pool_size`` processes, no more
 sessions on a process than its concurrency, FIFO per app, every get answered
 exactly once, no waiter left queued while its app has a free process, a
 get that finds a process with room granted the most recently used one at
-once, and the pool's index of free processes true to its processes.
+once, and the pool's index of free processes true to its processes. Some
+rules take several steps at once (a burst of gets, every spawn finishing,
+every session closing in turn), to reach states that single steps seldom do:
+several processes of one app free, each last used at a different time.
 """
 
 from __future__ import annotations
@@ -209,6 +212,14 @@ class PoolMachine(RuleBasedStateMachine):
         if timeout == 0:
             assert request not in self.waiting  # answered at once, one way or another
 
+    @rule(app=apps, client=picks, count=st.integers(2, 4))
+    def burst_of_gets(self, app: str, client: int, count: int) -> None:
+        # One app wanting several processes at once: with every spawn
+        # finishing and every session closing in turn, it leaves several of
+        # them free, a state that single steps seldom reach.
+        for _ in range(count):
+            self.get(app, client, None)
+
     @precondition(lambda self: self.apps_with_room())
     @rule(pick=picks, client=picks)
     def get_where_a_process_has_room(self, pick: int, client: int) -> None:
@@ -244,6 +255,21 @@ class PoolMachine(RuleBasedStateMachine):
         client, _ = self.sessions.pop(sid)
         self.apply(self.pool.close_session(client, sid, self.now))
         assert self.pool.active == len(self.sessions)
+
+    @precondition(lambda self: len(self.sessions) > 1)
+    @rule(client=picks)
+    def every_session_closes_in_turn_then_a_get(self, client: int) -> None:
+        # Several processes of one app free at once, each last used at a
+        # different time: the state in which a get must pick the latest.
+        for sid in sorted(self.sessions):
+            self.time_passes(0.01)
+            if sid not in self.sessions:
+                continue  # its process was stopped as time passed
+            owner, _ = self.sessions.pop(sid)
+            self.apply(self.pool.close_session(owner, sid, self.now))
+        roomy = self.apps_with_room()
+        if roomy:
+            self.get(roomy[0], client, None)
 
     @precondition(lambda self: self.sessions)
     @rule(pick=picks)
@@ -287,6 +313,12 @@ class PoolMachine(RuleBasedStateMachine):
         self.apply(
             self.pool.instance_ready(instance_id, pid, address, concurrency, self.now)
         )
+
+    @precondition(lambda self: self.spawning)
+    @rule()
+    def every_spawn_finishes(self) -> None:
+        while self.spawning:
+            self.spawn_ready(0, 1)
 
     @precondition(lambda self: self.spawning)
     @rule(pick=picks)
