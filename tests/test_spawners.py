@@ -417,12 +417,17 @@ def test_an_idle_preloader_is_stopped_and_its_workers_live_on(
         assert session.pid == worker
 
 
-def test_a_preloader_still_loading_is_not_idle(tmp_path: Path) -> None:
+def test_a_preloader_still_loading_is_not_idle(
+    tmp_path: Path, wait_until: Callable[..., None]
+) -> None:
     """The idle timer firing while the app loads must not stop the preloader.
 
     The app's import blocks on a FIFO until the timer has fired; before the
     fix the timer found it unused for longer than its idle time, closed its
-    control socket, and the spawn failed ("Bad file descriptor").
+    control socket, and the spawn failed ("Bad file descriptor"). Nor does
+    the timer arm itself again while the spawn holds the preloader (with a
+    tiny idle time that was a new timer thread every few milliseconds): the
+    spawn arms it when it lets go, and the preloader is then stopped as idle.
     """
     gate = tmp_path / "gate"
     os.mkfifo(gate)
@@ -431,10 +436,14 @@ def test_a_preloader_still_loading_is_not_idle(tmp_path: Path) -> None:
     socket_dir.mkdir(mode=0o700)
     spawner = SmartSpawner(max_preloader_idle_time=0.05)
     timer_fired = threading.Event()
+    rearmed_while_held: list[bool] = []
     on_idle = spawner._idle
 
     def idle(preloader: Any) -> None:
+        timer = preloader._timer
         on_idle(preloader)
+        if not timer_fired.is_set():  # the first firing: the spawn holds it
+            rearmed_while_held.append(preloader._timer is not timer)
         timer_fired.set()
 
     spawner._idle = idle  # type: ignore[method-assign]
@@ -452,6 +461,10 @@ def test_a_preloader_still_loading_is_not_idle(tmp_path: Path) -> None:
             instance = spawning.result(30.0)
         try:
             assert instance.pid in processes_in(tmp_path)
+            assert rearmed_while_held == [False]
+            live = spawner._live
+            assert live is not None
+            wait_until(lambda: not live.preloaders, what="the idle preloader stops")
         finally:
             instance.stop()
             instance.wait()

@@ -109,6 +109,8 @@ class SmartSpawner(Spawner):
         finally:
             with live.lock:
                 preloader.users -= 1
+                if not preloader.users:  # idle from now on
+                    preloader.touch()
         return PidfdInstance(pid, address)
 
     def app_restarted(self, app_root: str) -> None:
@@ -167,9 +169,8 @@ class SmartSpawner(Spawner):
             if live.preloaders.get(preloader.app_root) is not preloader:
                 return
             if preloader.users:
-                # A spawn holds it (it may still be loading): look again a
-                # whole idle time from now.
-                preloader.touch(self.max_preloader_idle_time)
+                # A spawn holds it (it may still be loading): the last spawn
+                # to let go arms the timer again, so none ticks meanwhile.
                 return
             if not preloader.idle_for(self.max_preloader_idle_time):
                 preloader.touch()  # used since the timer was set: look again later
@@ -273,13 +274,12 @@ class _Preloader:
             and self._error is None
         )
 
-    def touch(self, delay: float | None = None) -> None:
-        """(Re)arm the idle timer: ``delay`` s from now, else from the last use."""
+    def touch(self) -> None:
+        """(Re)arm the idle timer to fire an idle time after the last use."""
         if self._timer is not None:
             self._timer.cancel()
         if self._idle_time > 0 and not self._stopped:
-            if delay is None:
-                delay = self._last_used + self._idle_time - time.monotonic()
+            delay = self._last_used + self._idle_time - time.monotonic()
             self._timer = threading.Timer(max(0.0, delay), self._on_idle, args=(self,))
             self._timer.daemon = True
             self._timer.start()
@@ -316,7 +316,6 @@ class _Preloader:
                     f"the preloader of {self.app_root} is gone: {exc}"
                 ) from exc
             self._last_used = time.monotonic()
-            self.touch()
         if reply is None:
             raise SpawnError(
                 f"the preloader of {self.app_root} exited",
