@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import itertools
+import math
 import os
 import socket
 import threading
@@ -24,9 +25,9 @@ from collections.abc import Callable
 from types import TracebackType
 from typing import Final, TypeVar
 
+from actorpool.config import check_int, check_seconds
 from actorpool.errors import (
     ActorPoolError,
-    ConfigError,
     RemoteProtocolError,
     ServerGoneError,
     SpawnError,
@@ -176,13 +177,16 @@ class ApplicationPool:
         """Check out a session on a process of ``app_root``.
 
         Waits in the server's queue while the pool is at its limits, at most
-        ``timeout`` seconds if given (then :class:`GetTimeoutError`). Raises
+        ``timeout`` seconds if given (then :class:`GetTimeoutError`; None or
+        ``math.inf``: for as long as it takes). Raises
         :class:`QueueFullError` at once when the app's queue is full, and
         :class:`SpawnError` when the app cannot start.
         """
         root = os.path.abspath(os.fspath(app_root))
-        if timeout is not None and timeout < 0:
-            raise ConfigError(f"timeout must be >= 0, not {timeout}")
+        if timeout == math.inf:
+            timeout = None
+        elif timeout is not None:
+            check_seconds("timeout", timeout, allow_zero=True)
         deadline = None if timeout is None else time.monotonic() + timeout
         last_error: OSError | None = None
         for _ in range(CONNECT_ATTEMPTS):
@@ -233,22 +237,17 @@ class ApplicationPool:
 
     def set_max_pool_size(self, value: int) -> None:
         """Change the limit on processes; waiters are served at once if it rises."""
-        _check_int("max_pool_size", value, 1)
+        check_int("max_pool_size", value, minimum=1)
         self._call(lambda rid: SetMaxPoolSize(rid, value))
 
     def set_max_per_app(self, value: int) -> None:
         """Change the limit on processes per app (0: none)."""
-        _check_int("max_per_app", value, 0)
+        check_int("max_per_app", value, minimum=0)
         self._call(lambda rid: SetMaxPerApp(rid, value))
 
     def set_max_idle_time(self, seconds: float) -> None:
         """Change how long a process may stay idle (0: for ever)."""
-        if (
-            isinstance(seconds, bool)
-            or not isinstance(seconds, int | float)
-            or seconds < 0
-        ):
-            raise ConfigError(f"max_idle_time must be a number >= 0, not {seconds!r}")
+        check_seconds("max_idle_time", seconds, allow_zero=True)
         self._call(lambda rid: SetMaxIdleTime(rid, float(seconds)))
 
     def restart_app(self, app_root: str | os.PathLike[str]) -> None:
@@ -431,8 +430,3 @@ def _expect(reply: Reply, kind: type[_R]) -> _R:
             f"expected {kind.__name__}, the server answered {type(reply).__name__}"
         )
     return reply
-
-
-def _check_int(name: str, value: object, minimum: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ConfigError(f"{name} must be an int >= {minimum}, not {value!r}")

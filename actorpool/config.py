@@ -58,15 +58,15 @@ class PoolConfig:
     fails each spawn with ``SpawnError``."""
 
     def __post_init__(self) -> None:
-        _check_int("max_pool_size", self.max_pool_size, minimum=1)
-        _check_int("max_per_app", self.max_per_app, minimum=0)
-        _check_int("min_instances", self.min_instances, minimum=0)
-        _check_int("max_requests", self.max_requests, minimum=0)
-        _check_int("max_queue_size", self.max_queue_size, minimum=0)
-        _check_int("max_clients", self.max_clients, minimum=1)
-        _check_seconds("max_idle_time", self.max_idle_time, allow_zero=True)
-        _check_seconds("spawn_timeout", self.spawn_timeout, allow_zero=False)
-        _check_seconds(
+        check_int("max_pool_size", self.max_pool_size, minimum=1)
+        check_int("max_per_app", self.max_per_app, minimum=0)
+        check_int("min_instances", self.min_instances, minimum=0)
+        check_int("max_requests", self.max_requests, minimum=0)
+        check_int("max_queue_size", self.max_queue_size, minimum=0)
+        check_int("max_clients", self.max_clients, minimum=1)
+        check_seconds("max_idle_time", self.max_idle_time, allow_zero=True)
+        check_seconds("spawn_timeout", self.spawn_timeout, allow_zero=False)
+        check_seconds(
             "restart_check_interval", self.restart_check_interval, allow_zero=True
         )
         if self.user is not None and (
@@ -82,14 +82,21 @@ class PoolConfig:
             raise ConfigError(str(exc)) from exc
 
 
-def _check_int(name: str, value: object, *, minimum: int) -> None:
+MAX_INT = 2**63 - 1
+"""Largest count the wire protocol carries (msgpack's signed 64 bits): a
+larger limit could not even be reported by ``statistics()``."""
+
+
+def check_int(name: str, value: object, *, minimum: int) -> None:
+    """Raise :class:`ConfigError` unless ``value`` is an int in range."""
     if isinstance(value, bool) or not isinstance(value, int):
         raise ConfigError(f"{name} must be an int, not {type(value).__name__}")
-    if value < minimum:
-        raise ConfigError(f"{name} must be >= {minimum}, not {value}")
+    if not minimum <= value <= MAX_INT:
+        raise ConfigError(f"{name} must be >= {minimum} and < 2**63, not {value}")
 
 
-def _check_seconds(name: str, value: object, *, allow_zero: bool) -> None:
+def check_seconds(name: str, value: object, *, allow_zero: bool) -> None:
+    """Raise :class:`ConfigError` unless ``value`` is a finite, positive number."""
     if isinstance(value, bool) or not isinstance(value, int | float):
         raise ConfigError(f"{name} must be a number, not {type(value).__name__}")
     try:

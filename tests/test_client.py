@@ -8,6 +8,7 @@ no thread of the client's own, errors raised as their classes.
 
 from __future__ import annotations
 
+import math
 import queue
 import socket
 import threading
@@ -21,6 +22,7 @@ from actorpool import (
     QueueFullError,
     RemoteProtocolError,
     ServerGoneError,
+    Session,
     SpawnError,
 )
 from actorpool.messages import (
@@ -226,17 +228,53 @@ def test_a_connection_level_error_is_raised(pair: Pair) -> None:
     answered.join(WAIT)
 
 
+BAD_CALLS: list[tuple[str, Callable[[ApplicationPool], object]]] = [
+    ("timeout", lambda pool: pool.get("/srv/a", timeout=-1)),
+    ("timeout", lambda pool: pool.get("/srv/a", timeout=math.nan)),
+    ("timeout", lambda pool: pool.get("/srv/a", timeout="5")),  # type: ignore[arg-type]
+    ("max_pool_size", lambda pool: pool.set_max_pool_size(0)),
+    ("max_pool_size", lambda pool: pool.set_max_pool_size(2**63)),
+    ("max_pool_size", lambda pool: pool.set_max_pool_size(True)),
+    ("max_per_app", lambda pool: pool.set_max_per_app(-1)),
+    ("max_idle_time", lambda pool: pool.set_max_idle_time(-1.0)),
+    ("max_idle_time", lambda pool: pool.set_max_idle_time(math.inf)),
+    ("max_idle_time", lambda pool: pool.set_max_idle_time(math.nan)),
+]
+
+
 def test_bad_arguments_fail_before_anything_is_sent(pair: Pair) -> None:
     connect, server = pair
     pool = connect()
-    with pytest.raises(ConfigError):
-        pool.get("/srv/a", timeout=-1)
-    with pytest.raises(ConfigError):
-        pool.set_max_pool_size(0)
-    with pytest.raises(ConfigError):
-        pool.set_max_idle_time(-1.0)
+    for name, call in BAD_CALLS:
+        with pytest.raises(ConfigError, match=name):
+            call(pool)
     pool.close()
     assert server.receive() is PEER_CLOSED
+
+
+@pytest.mark.parametrize(("timeout", "sent"), [(None, None), (math.inf, None), (2, 2)])
+def test_an_endless_timeout_is_sent_as_none(
+    pair: Pair, listener: str, timeout: float | None, sent: float | None
+) -> None:
+    connect, server = pair
+    pool = connect()
+    got: queue.Queue[object] = queue.Queue()
+    getter = threading.Thread(
+        target=lambda: got.put(pool.get("/srv/a", timeout=timeout))
+    )
+    getter.start()
+    request = server.receive()
+    assert isinstance(request, Get)
+    if sent is None:
+        assert request.timeout is None
+    else:  # what is left of the timeout, a moment later
+        assert request.timeout is not None
+        assert 0 < request.timeout <= sent
+    server.send(SessionGranted(request.request_id, 1, 1, request.app_root, listener))
+    getter.join(WAIT)
+    session = got.get_nowait()
+    assert isinstance(session, Session)
+    session.socket.close()
 
 
 def test_a_dead_process_found_at_connect_is_reported_and_another_asked_for(

@@ -78,6 +78,8 @@ def test_int_field_accepts_its_minimum_and_large_values(
 ) -> None:
     assert getattr(PoolConfig(**{name: minimum}), name) == minimum
     assert getattr(PoolConfig(**{name: 10_000}), name) == 10_000
+    # The largest the wire carries: statistics() must still be able to say it.
+    assert getattr(PoolConfig(**{name: 2**63 - 1}), name) == 2**63 - 1
 
 
 @pytest.mark.parametrize(("name", "allow_zero"), SECONDS_FIELDS.items())
@@ -106,7 +108,7 @@ CASES = [
     *(
         pytest.param(name, bad, id=f"{name}={bad!r}")
         for name, minimum in INT_FIELDS.items()
-        for bad in [*INT_BAD, minimum - 1, -(10**30)]
+        for bad in [*INT_BAD, minimum - 1, -(10**30), 2**63]
     ),
     *(
         pytest.param(name, bad, id=f"{name}={bad!r:.20}")
