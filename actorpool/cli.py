@@ -129,9 +129,12 @@ def _parser() -> argparse.ArgumentParser:
     pool = serve.add_argument_group("pool settings (PoolConfig; see the docs)")
     for name, field in POOL_FIELDS.items():
         kind: Callable[[str], Any] = int if field.type in ("int", int) else _seconds
+        text = f"({field.default})"
         if name == "user":
             kind = str
-        _add_option(pool, name, kind, f"({field.default})")
+            # serve's own default, not the library's (see _pool_config)
+            text = "who apps run as, when run as root (the user serve runs as)"
+        _add_option(pool, name, kind, text)
     serve.set_defaults(run=_serve)
 
     for name, text, run in (

@@ -177,10 +177,11 @@ class ApplicationPool:
         """Check out a session on a process of ``app_root``.
 
         Waits in the server's queue while the pool is at its limits, at most
-        ``timeout`` seconds if given (then :class:`GetTimeoutError`; None or
-        ``math.inf``: for as long as it takes). Raises
-        :class:`QueueFullError` at once when the app's queue is full, and
-        :class:`SpawnError` when the app cannot start.
+        ``timeout`` seconds if given (then
+        :class:`~actorpool.errors.GetTimeoutError`; None or ``math.inf``: for
+        as long as it takes). Raises :class:`~actorpool.errors.QueueFullError`
+        at once when the app's queue is full, and
+        :class:`~actorpool.errors.SpawnError` when the app cannot start.
         """
         root = os.path.abspath(os.fspath(app_root))
         if timeout == math.inf:

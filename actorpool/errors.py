@@ -40,6 +40,7 @@ class SpawnError(ActorPoolError):
     def __init__(self, message: str, output: str = "") -> None:
         super().__init__(message)
         self.output = output
+        """What the application printed, or its traceback ("" if nothing)."""
 
     def __str__(self) -> str:
         message = super().__str__()

@@ -488,7 +488,7 @@ class Pool:
         """Change ``max_pool_size``: stop idle processes over it, serve waiters.
 
         Busy processes over a lowered limit finish their sessions first, and
-        are stopped when they become idle (see :meth:`_trim`).
+        are stopped when they become idle (see ``_trim``).
         """
         self.max_pool_size = value
         decisions: list[Decision] = []

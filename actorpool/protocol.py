@@ -188,8 +188,9 @@ class Connection:
     def send(self, message: WireMessage) -> bytes:
         """Check that sending ``message`` is legal now; return its frame.
 
-        Nothing changes when this raises :class:`LocalProtocolError`: the
-        message was not sent and the connection can still be used.
+        Nothing changes when this raises
+        :class:`~actorpool.errors.LocalProtocolError`: the message was not
+        sent and the connection can still be used.
         """
         next_state = self._next_state(_SEND, message, LocalProtocolError)
         if isinstance(message, Request):
@@ -250,8 +251,8 @@ class Connection:
     def next_event(self) -> WireMessage | _Sentinel:
         """The next message, ``NEED_DATA`` or ``PEER_CLOSED``.
 
-        Raises :class:`RemoteProtocolError` (and moves to ``ERROR``) when the
-        peer sent something it must not have.
+        Raises :class:`~actorpool.errors.RemoteProtocolError` (and moves to
+        ``ERROR``) when the peer sent something it must not have.
         """
         if self.state is State.ERROR:
             raise RemoteProtocolError("the connection already failed")

@@ -6,13 +6,13 @@ Measured on the reference machine, that second wake-up (and the trip
 through the GIL that comes with it) cost more than everything else the
 server does for a get. So the sockets are read by the thread that needs the
 requests: a :class:`SocketReader` is the **registry actor's inbox**. pykka
-calls :meth:`get` for the next message; while none is queued, the inbox
+calls :meth:`~SocketReader.get` for the next message; while none is queued, the inbox
 waits in ``epoll`` on the client sockets and on a wake-up socket that
-:meth:`put` (a ``tell`` from another thread) writes to. Each chunk read is
+:meth:`~SocketReader.put` (a ``tell`` from another thread) writes to. Each chunk read is
 passed to its socket's callback, which decodes it and tells the registry,
 that is, appends to this very inbox, with no system call and no wake-up.
 
-Outside the registry (an actor-level test, say), :meth:`start` runs the
+Outside the registry (an actor-level test, say), :meth:`~SocketReader.start` runs the
 same loop on a thread of its own.
 
 Registering and removing sockets run on the loop's thread too, so a socket

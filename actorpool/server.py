@@ -121,9 +121,9 @@ class ApplicationPoolServer:
 
         Works in the creating process and in any process forked from it that
         has not called :meth:`detach`. Each call gives a separate connection.
-        Raises :class:`ServerGoneError` when the server has stopped, and
-        :class:`RemoteProtocolError` when it refuses the connection (its
-        ``max_clients`` reached), saying so.
+        Raises :class:`~actorpool.errors.ServerGoneError` when the server has
+        stopped, and :class:`~actorpool.errors.RemoteProtocolError` when it
+        refuses the connection (its ``max_clients`` reached), saying so.
         """
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         try:

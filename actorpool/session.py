@@ -253,8 +253,8 @@ class ClientProxy:
 class ClientSessionActor(pykka.ThreadingActor):
     """Speaks the protocol with one client on behalf of the registry.
 
-    ``reader`` is the server's shared :class:`SocketReader`; without one the
-    actor runs a reader of its own (handy in tests).
+    ``reader`` is the server's shared :class:`~actorpool.reader.SocketReader`;
+    without one the actor runs a reader of its own (handy in tests).
     """
 
     def __init__(

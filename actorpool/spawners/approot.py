@@ -59,7 +59,10 @@ class AppSpec:
 
 
 def load_app_spec(app_root: str) -> AppSpec:
-    """How to run ``app_root``; :class:`SpawnError` when it cannot be run."""
+    """How to run ``app_root``.
+
+    Raises :class:`~actorpool.errors.SpawnError` when it cannot be run.
+    """
     if not os.path.isdir(app_root):
         raise SpawnError(f"app root {app_root} is not a directory")
     wsgi = os.path.join(app_root, WSGI_FILE)

@@ -29,8 +29,8 @@ class DirectSpawner(Spawner):
     """Starts each application process as a fresh interpreter.
 
     A ``passenger_wsgi.py`` app is loaded by the bundled worker
-    (:mod:`actorpool.spawners.worker`); an ``actorpool.toml`` app's command
-    runs under a small supervisor (:mod:`actorpool.spawners.supervise`). A
+    (``actorpool.spawners.worker``); an ``actorpool.toml`` app's command
+    runs under a small supervisor (``actorpool.spawners.supervise``). A
     spawn returns once the process is ready: the worker has loaded the app,
     or the command's socket accepts connections.
     """

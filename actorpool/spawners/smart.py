@@ -290,7 +290,10 @@ class _Preloader:
             return time.monotonic() - self._last_used >= seconds
 
     def wait_ready(self, deadline: float) -> None:
-        """Block until it has loaded the app; :class:`SpawnError` if it could not."""
+        """Block until it has loaded the app.
+
+        Raises :class:`~actorpool.errors.SpawnError` if it could not.
+        """
         if not self._ready.wait(max(0.0, deadline - time.monotonic())):
             raise SpawnError(
                 f"{self.app_root} did not load within spawn_timeout",
