@@ -27,6 +27,7 @@ import dataclasses
 import itertools
 import logging
 import os
+import select
 import socket
 import threading
 from collections.abc import Callable
@@ -201,15 +202,38 @@ class AcceptorActor(pykka.ThreadingActor):
                 logger.warning("ignoring a message on the connect channel: %s", exc)
                 continue
             except OSError:
-                data, fd = b"", None
+                data, fd, end = b"", None, True
+            else:
+                # A record may be empty, and reads as b"" just as the end of
+                # the channel does: only a hang-up is the end.
+                end = not data and fd is None and _hung_up(self._channel)
+            if not data and not end:
+                if fd is not None:
+                    os.close(fd)
+                logger.warning("ignoring an empty message on the connect channel")
+                continue
             try:
                 self.actor_ref.tell(ChannelMessage(data, fd))
             except pykka.ActorDeadError:
                 if fd is not None:
                     os.close(fd)
                 return
-            if not data:
+            if end:
                 return
+
+
+def _hung_up(channel: socket.socket) -> bool:
+    """Whether every holder of the far end of ``channel`` has closed it.
+
+    Also when ``channel`` itself is shut down or broken: nothing more will
+    come then either.
+    """
+    poller = select.poll()
+    poller.register(channel, 0)  # POLLHUP and POLLERR are reported regardless
+    return any(
+        events & (select.POLLHUP | select.POLLERR | select.POLLNVAL)
+        for _, events in poller.poll(0)
+    )
 
 
 def _peer_closed(sock: socket.socket) -> bool:

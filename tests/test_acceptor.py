@@ -111,6 +111,23 @@ def test_unexpected_bytes_on_the_channel_are_ignored(rig: Rig) -> None:
     assert not rig.closed.is_set()
 
 
+def test_an_empty_message_is_not_the_end_of_the_channel(rig: Rig) -> None:
+    # SOCK_SEQPACKET has empty records, which recv() returns as b"", as it
+    # does at the end of the channel.
+    rig.channel.send(b"")
+    assert rig.connect().handshake().client_id == 1
+    assert not rig.closed.is_set()
+
+
+def test_an_empty_message_with_a_descriptor_is_ignored(rig: Rig) -> None:
+    with socket.socket(socket.AF_UNIX) as thing:
+        send_fd(rig.channel, b"", thing.fileno())
+    assert rig.connect().handshake().client_id == 1
+    assert not rig.closed.is_set()
+    rig.channel.close()
+    assert rig.closed.wait(WAIT)  # and the reader still sees the real end
+
+
 def test_end_of_the_channel_calls_on_close_and_connections_carry_on(
     rig: Rig,
 ) -> None:
