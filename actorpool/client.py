@@ -263,8 +263,12 @@ class ApplicationPool:
                 self._error = ServerGoneError("this ApplicationPool was closed")
             for follower in self._followers.values():
                 follower.notify()
-        with contextlib.suppress(OSError):
-            self._sock.shutdown(socket.SHUT_RDWR)
+        if self._forks == _forks:
+            # Wakes a thread of ours blocked reading. Not in a forked child:
+            # the socket is shared with the parent, whose connection it is, and
+            # no thread of the child can be reading it.
+            with contextlib.suppress(OSError):
+                self._sock.shutdown(socket.SHUT_RDWR)
         self._sock.close()
 
     def __enter__(self) -> ApplicationPool:

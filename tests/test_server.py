@@ -621,3 +621,19 @@ def test_a_pool_used_across_fork_refuses_instead_of_sharing_the_socket(
     assert os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]) == 0
     with pool.get(app) as session:  # the parent's connection is unharmed
         assert greeting(session) == (app, session.pid)
+
+
+def test_closing_an_inherited_pool_in_a_child_leaves_the_parents_alone(
+    start_server: StartServer, spawner: FakeSpawner, make_app: Callable[[str], str]
+) -> None:
+    app = make_app("a")
+    pool = start_server(spawner).connect()
+    pid = os.fork()
+    if pid == 0:  # a child tidying up what it inherited, as with any socket
+        try:
+            pool.close()
+        finally:
+            os._exit(0)
+    assert os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]) == 0
+    with pool.get(app) as session:
+        assert greeting(session) == (app, session.pid)
