@@ -28,7 +28,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from actorpool import __version__
-from actorpool.config import PoolConfig
+from actorpool.config import PoolConfig, check_seconds
 from actorpool.errors import ActorPoolError, ConfigError
 from actorpool.spawner import Spawner
 
@@ -202,9 +202,9 @@ def _serve(args: argparse.Namespace) -> int:
     router = Router([parse_route(app) for app in apps])
     proxy = ProxyOptions(
         development=settings["environment"] == "development",
-        client_timeout=_positive("client_timeout", settings),
-        max_header_size=int(settings["max_header_size"]),
-        get_timeout=settings["get_timeout"] or None,
+        client_timeout=_seconds_setting("client_timeout", settings, allow_zero=False),
+        max_header_size=_at_least_one("max_header_size", settings),
+        get_timeout=_seconds_setting("get_timeout", settings, allow_zero=True) or None,
         access_log=bool(settings["access_log"]),
     )
     host, port = _address("bind", settings["bind"])
@@ -220,7 +220,7 @@ def _serve(args: argparse.Namespace) -> int:
             router=router,
             proxy=proxy,
             threads=_at_least_one("threads", settings),
-            grace=float(settings["grace"]),
+            grace=_seconds_setting("grace", settings, allow_zero=True),
         ),
         pool=_pool_config(settings),
         spawner=_spawner(settings),
@@ -257,11 +257,25 @@ def _read_config(path: str) -> tuple[dict[str, Any], list[str]]:
     unknown = sorted(set(data) - known)
     if unknown:
         raise ConfigError(f"{path}: unknown settings {unknown}")
+    for name, value in data.items():
+        if name in SERVE_SETTINGS:
+            _check_type(path, name, SERVE_SETTINGS[name].kind, value)
     apps = data.pop("apps", [])
     if not isinstance(apps, list) or not all(isinstance(app, str) for app in apps):
         raise ConfigError(f"{path}: apps must be a list of strings")
     base = os.path.dirname(os.path.abspath(path))
     return data, [_from(base, app) for app in apps]
+
+
+def _check_type(path: str, name: str, kind: Callable[[str], Any], value: Any) -> None:
+    """A setting from a file must already be of its type: TOML has types, and
+    ``bool("false")`` is True."""
+    allowed = (int, float) if kind is _seconds else (kind,)
+    if isinstance(value, bool) != (kind is bool) or not isinstance(value, allowed):
+        wanted = {bool: "true or false", int: "an integer", str: "a string"}.get(
+            kind, "a number"
+        )
+        raise ConfigError(f"{path}: {name} must be {wanted}, not {value!r}")
 
 
 def _from(base: str, app: str) -> str:
@@ -291,7 +305,9 @@ def _spawner(settings: dict[str, Any]) -> Spawner:
         return DirectSpawner()
     if settings["spawner"] == "smart":
         return SmartSpawner(
-            max_preloader_idle_time=float(settings["max_preloader_idle_time"])
+            max_preloader_idle_time=_seconds_setting(
+                "max_preloader_idle_time", settings, allow_zero=True
+            )
         )
     raise ConfigError(f"--spawner must be direct or smart, not {settings['spawner']!r}")
 
@@ -310,14 +326,14 @@ def _address(name: str, text: object) -> tuple[str, int]:
 def _at_least_one(name: str, settings: dict[str, Any]) -> int:
     value = settings[name]
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        name = name.replace("_", "-")
         raise ConfigError(f"--{name} must be an integer >= 1, not {value!r}")
     return value
 
 
-def _positive(name: str, settings: dict[str, Any]) -> float:
+def _seconds_setting(name: str, settings: dict[str, Any], *, allow_zero: bool) -> float:
     value = settings[name]
-    if isinstance(value, bool) or not isinstance(value, int | float) or value <= 0:
-        raise ConfigError(f"--{name.replace('_', '-')} must be > 0, not {value!r}")
+    check_seconds(f"--{name.replace('_', '-')}", value, allow_zero=allow_zero)
     return float(value)
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import threading
 from typing import Any
 
 from actorpool.errors import ConfigError
@@ -95,14 +96,22 @@ def check_int(name: str, value: object, *, minimum: int) -> None:
         raise ConfigError(f"{name} must be >= {minimum} and < 2**63, not {value}")
 
 
+MAX_SECONDS = threading.TIMEOUT_MAX
+"""Longest span accepted, about 292 years: the most a thread's wait or a
+``select`` takes (longer ones raise ``OverflowError`` deep in a spawn)."""
+
+
 def check_seconds(name: str, value: object, *, allow_zero: bool) -> None:
-    """Raise :class:`ConfigError` unless ``value`` is a finite, positive number."""
+    """Raise :class:`ConfigError` unless ``value`` is a span of seconds in range."""
     if isinstance(value, bool) or not isinstance(value, int | float):
         raise ConfigError(f"{name} must be a number, not {type(value).__name__}")
     try:
         seconds = float(value)
-    except OverflowError:  # an int too large for a float: not finite either
+    except OverflowError:  # an int too large for a float: out of range too
         seconds = math.inf
-    if not math.isfinite(seconds) or seconds < 0 or (seconds == 0 and not allow_zero):
+    if not (0 <= seconds <= MAX_SECONDS) or (seconds == 0 and not allow_zero):
         bound = ">= 0" if allow_zero else "> 0"
-        raise ConfigError(f"{name} must be finite and {bound}, not {value}")
+        raise ConfigError(
+            f"{name} must be {bound} and at most {MAX_SECONDS:.0f} (about 292"
+            f" years), not {value}"
+        )

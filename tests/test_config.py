@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from actorpool.config import PoolConfig
+from actorpool.config import MAX_SECONDS, PoolConfig
 from actorpool.errors import ActorPoolError, ConfigError
 
 INT_FIELDS = {
@@ -84,7 +84,7 @@ def test_int_field_accepts_its_minimum_and_large_values(
 
 @pytest.mark.parametrize(("name", "allow_zero"), SECONDS_FIELDS.items())
 def test_seconds_field_accepts_ints_and_floats(name: str, allow_zero: bool) -> None:
-    values: list[Any] = [5, 0.25, *([0, 0.0] if allow_zero else [])]
+    values: list[Any] = [5, 0.25, MAX_SECONDS, *([0, 0.0] if allow_zero else [])]
     for value in values:
         assert getattr(PoolConfig(**{name: value}), name) == value
 
@@ -102,6 +102,7 @@ SECONDS_BAD: list[Any] = [
     -1,
     -0.001,
     10**400,
+    1e10,  # beyond threading.TIMEOUT_MAX: a spawn's wait would overflow
 ]
 
 CASES = [
