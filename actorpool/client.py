@@ -28,6 +28,7 @@ from typing import Final, TypeVar
 from actorpool.config import check_int, check_seconds
 from actorpool.errors import (
     ActorPoolError,
+    ConfigError,
     RemoteProtocolError,
     ServerGoneError,
     SpawnError,
@@ -184,10 +185,8 @@ class ApplicationPool:
         :class:`~actorpool.errors.SpawnError` when the app cannot start.
         """
         root = os.path.abspath(os.fspath(app_root))
-        if timeout == math.inf:
-            timeout = None
-        elif timeout is not None:
-            check_seconds("timeout", timeout, allow_zero=True)
+        if timeout is not None:
+            timeout = _get_timeout(timeout)
         deadline = None if timeout is None else time.monotonic() + timeout
         last_error: OSError | None = None
         for _ in range(CONNECT_ATTEMPTS):
@@ -426,6 +425,23 @@ class ApplicationPool:
 
 
 _R = TypeVar("_R", bound=Reply)
+
+
+def _get_timeout(timeout: object) -> float | None:
+    """``timeout`` checked; None (no limit) for ``math.inf``.
+
+    No upper bound, unlike the config's spans: the server's alarm copes with
+    any deadline, and a huge one just means "for ever".
+    """
+    if isinstance(timeout, bool) or not isinstance(timeout, int | float):
+        raise ConfigError(f"timeout must be a number or None, not {timeout!r}")
+    try:
+        seconds = float(timeout)
+    except OverflowError:  # an int beyond any float
+        return None
+    if not seconds >= 0:  # NaN too
+        raise ConfigError(f"timeout must be >= 0, not {timeout!r}")
+    return None if seconds == math.inf else seconds
 
 
 def _expect(reply: Reply, kind: type[_R]) -> _R:

@@ -74,6 +74,9 @@ class ApplicationPoolServer:
         spawner: Spawner,
         start_timeout: float = 30.0,
     ) -> None:
+        if config is not None and not isinstance(config, PoolConfig):
+            # Or it would fail in the new process, with an AttributeError.
+            raise TypeError(f"config must be a PoolConfig, not {type(config).__name__}")
         self.config = config or PoolConfig()
         self._creator_pid = os.getpid()
         self._connect_lock = threading.Lock()
@@ -168,11 +171,16 @@ class ApplicationPoolServer:
             self.detach()
             return
         with self._connect_lock:
-            if self._channel is not None:
-                with contextlib.suppress(OSError):
-                    self._channel.send(SHUTDOWN)
-                self._channel.close()
-                self._channel = None
+            channel, self._channel = self._channel, None
+        if channel is not None:
+            with contextlib.suppress(OSError):
+                channel.send(SHUTDOWN)
+            channel.close()
+        elif self._process.poll() is None:
+            # Detached already: no channel to ask on, and children may still
+            # hold theirs. The server takes SIGTERM as the same request.
+            with contextlib.suppress(ProcessLookupError):
+                self._process.terminate()
         try:
             self._process.wait(timeout)
         except subprocess.TimeoutExpired:
@@ -270,8 +278,7 @@ def _server_main() -> None:
 def _run_server(boot: _Bootstrap, status: Any) -> None:
     channel = socket.socket(fileno=boot.channel_fd)
     socket_dir = tempfile.mkdtemp(prefix="actorpool-")  # mode 0700
-    stopping = threading.Event()
-    # Signal handlers only set the event; the main thread does the work.
+    stopping = _StopRequest()
     signal.signal(signal.SIGTERM, lambda *_: stopping.set())
     signal.signal(signal.SIGINT, lambda *_: stopping.set())
     started: list[Any] = []
@@ -302,6 +309,28 @@ def _run_server(boot: _Bootstrap, status: Any) -> None:
     logger.info("pool server stopping")
     _stop_all(started)
     shutil.rmtree(socket_dir, ignore_errors=True)
+
+
+class _StopRequest:
+    """A one-way flag the main thread waits on, safe to set in a signal handler.
+
+    Not a ``threading.Event``: its ``set()`` takes a lock that the main thread
+    holds for a few bytecodes inside ``wait()``, so a signal landing there
+    would deadlock the server. A byte down a pipe takes no lock.
+    """
+
+    def __init__(self) -> None:
+        self._read, self._write = os.pipe()
+        os.set_blocking(self._write, False)
+
+    def set(self) -> None:
+        """Ask the main thread to stop; from any thread or a signal handler."""
+        with contextlib.suppress(OSError):  # a full pipe has said it already
+            os.write(self._write, b"x")
+
+    def wait(self) -> None:
+        """Block until :meth:`set` has been called, once or more."""
+        os.read(self._read, 1)
 
 
 STOP_TIMEOUT = 30.0

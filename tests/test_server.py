@@ -519,6 +519,34 @@ def test_server_stops_when_every_holder_lets_go(
         server.connect()
 
 
+def test_close_after_detach_still_stops_the_server_gracefully(
+    spawner: FakeSpawner, make_app: Callable[[str], str]
+) -> None:
+    server = ApplicationPoolServer(spawner=spawner)
+    release_r, release_w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # a child that still holds the connect channel
+        os.close(release_w)
+        os.read(release_r, 1)
+        os._exit(0)
+    os.close(release_r)
+    try:
+        server.detach()
+        server.close(timeout=20)
+        # Stopped on request (exit status 0), not killed after the timeout.
+        assert server._process.returncode == 0
+    finally:
+        os.close(release_w)
+        os.waitpid(pid, 0)
+
+
+def test_a_config_that_is_not_a_pool_config_is_refused_at_once(
+    spawner: FakeSpawner,
+) -> None:
+    with pytest.raises(TypeError, match="PoolConfig, not dict"):
+        ApplicationPoolServer({"max_pool_size": 2}, spawner=spawner)  # type: ignore[arg-type]
+
+
 def test_killed_server_gives_server_gone(
     spawner: FakeSpawner, make_app: Callable[[str], str]
 ) -> None:
