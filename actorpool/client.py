@@ -197,7 +197,11 @@ class ApplicationPool:
                 self._call(functools.partial(Get, app_root=root, timeout=remaining)),
                 SessionGranted,
             )
-            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            try:
+                sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            except BaseException:  # out of descriptors, say: give it back
+                self._notify(CloseSession(reply.session_id))
+                raise
             try:
                 sock.connect(reply.address)
             except (ConnectionRefusedError, FileNotFoundError) as exc:
@@ -344,11 +348,16 @@ class ApplicationPool:
                     if not self._reading:
                         self._hand_over()
         except BaseException:
-            # Interrupted (KeyboardInterrupt, say): if a session is granted
-            # later, give it straight back instead of leaking it.
+            # Interrupted (KeyboardInterrupt, say): give back a session that
+            # is granted later, or was granted just before, instead of
+            # leaking it.
             if request_id:
                 with self._lock:
-                    self._abandoned.add(request_id)
+                    reply = self._replies.pop(request_id, None)
+                    if reply is None:
+                        self._abandoned.add(request_id)
+                if isinstance(reply, SessionGranted):
+                    self._notify(CloseSession(reply.session_id))
             raise
 
     def _follow(self, request_id: int) -> None:

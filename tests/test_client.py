@@ -8,6 +8,7 @@ no thread of the client's own, errors raised as their classes.
 
 from __future__ import annotations
 
+import errno
 import math
 import queue
 import socket
@@ -25,6 +26,7 @@ from actorpool import (
     Session,
     SpawnError,
 )
+from actorpool import client as client_module
 from actorpool.messages import (
     PROTOCOL_VERSION,
     CloseSession,
@@ -187,6 +189,79 @@ def test_closing_a_session_tells_the_server_once(
     assert server.receive() == CloseSession(77)
     pool.close()
     assert server.receive() is PEER_CLOSED  # nothing more was sent
+
+
+def grant_the_next_get(server: FakeServer, session_id: int, address: str) -> None:
+    """Answer the next request, a get, with a session, from another thread."""
+    threading.Thread(
+        target=lambda: server.send(
+            SessionGranted(server.request().request_id, session_id, 1, "/a", address)
+        ),
+        daemon=True,
+    ).start()
+
+
+def test_a_get_interrupted_before_its_grant_gives_the_session_back_later(
+    pair: Pair, listener: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    connect, server = pair
+    pool = connect()
+    lead = pool._lead
+
+    def interrupted_while_reading() -> None:
+        monkeypatch.setattr(pool, "_lead", lead)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(pool, "_lead", interrupted_while_reading)
+    with pytest.raises(KeyboardInterrupt):
+        pool.get("/srv/a")
+    get = server.request()
+    assert isinstance(get, Get)
+    server.send(SessionGranted(get.request_id, 55, 1, "/srv/a", listener))
+    # The grant is read with the next reply, and given straight back.
+    answered = threading.Thread(
+        target=lambda: server.send(Done(server.request().request_id))
+    )
+    answered.start()
+    pool.clear()
+    answered.join(WAIT)
+    assert server.receive() == CloseSession(55)
+
+
+def test_a_get_interrupted_after_its_grant_came_in_gives_the_session_back(
+    pair: Pair, listener: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    connect, server = pair
+    pool = connect()
+    lead = pool._lead
+
+    def interrupted_after_reading() -> None:
+        lead()  # files the grant under its request id
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(pool, "_lead", interrupted_after_reading)
+    grant_the_next_get(server, 56, listener)
+    with pytest.raises(KeyboardInterrupt):
+        pool.get("/srv/a")
+    assert server.receive() == CloseSession(56)
+    assert pool._replies == {}
+
+
+def test_a_grant_that_cannot_get_a_socket_is_given_back(
+    pair: Pair, listener: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    connect, server = pair
+    pool = connect()
+
+    def no_descriptors_left(*_args: object) -> socket.socket:
+        raise OSError(errno.EMFILE, "Too many open files")
+
+    grant_the_next_get(server, 57, listener)
+    monkeypatch.setattr(client_module.socket, "socket", no_descriptors_left)
+    with pytest.raises(OSError, match="Too many open files"):
+        pool.get("/srv/a")
+    monkeypatch.undo()
+    assert server.receive() == CloseSession(57)
 
 
 def test_the_server_going_away_fails_every_waiter(pair: Pair) -> None:
