@@ -267,14 +267,20 @@ def _read_config(path: str) -> tuple[dict[str, Any], list[str]]:
     return data, [_from(base, app) for app in apps]
 
 
+_FILE_TYPES: dict[Callable[[str], Any], tuple[tuple[type, ...], str]] = {
+    bool: ((bool,), "true or false"),
+    int: ((int,), "an integer"),
+    str: ((str,), "a string"),
+    _seconds: ((int, float), "a number"),
+}
+"""What a setting of each kind may be in a config file, and its name."""
+
+
 def _check_type(path: str, name: str, kind: Callable[[str], Any], value: Any) -> None:
     """A setting from a file must already be of its type: TOML has types, and
     ``bool("false")`` is True."""
-    allowed = (int, float) if kind is _seconds else (kind,)
+    allowed, wanted = _FILE_TYPES[kind]
     if isinstance(value, bool) != (kind is bool) or not isinstance(value, allowed):
-        wanted = {bool: "true or false", int: "an integer", str: "a string"}.get(
-            kind, "a number"
-        )
         raise ConfigError(f"{path}: {name} must be {wanted}, not {value!r}")
 
 
