@@ -3,17 +3,23 @@ real HTTP over the session's socket (Passenger's own pool tests, with apps)."""
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
+import grp
 import http.client
 import logging
 import os
 import pwd
 import signal
+import socket
 import stat
+import struct
 import subprocess
 import sys
+import termios
 import textwrap
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -21,7 +27,7 @@ from typing import Any
 import pytest
 
 from actorpool import ApplicationPoolServer, PoolConfig, Session, SpawnError
-from actorpool.spawner import Spawner, SpawnRequest
+from actorpool.spawner import Instance, Spawner, SpawnRequest
 from actorpool.spawners import DirectSpawner, SmartSpawner
 
 pytestmark = pytest.mark.slow
@@ -472,6 +478,172 @@ def test_a_preloader_still_loading_is_not_idle(
         spawner.close()
 
 
+def unread(sock: socket.socket) -> int:
+    """Bytes sent on ``sock`` that its peer has not read yet."""
+    data = fcntl.ioctl(sock.fileno(), termios.TIOCOUTQ, b"\0" * 4)
+    return int(struct.unpack("i", data)[0])
+
+
+class Spawning:
+    """A spawn in a daemon thread of its own, so that a spawn that hangs
+    fails the test that waits for it instead of hanging the run."""
+
+    def __init__(self, spawner: Spawner, request: SpawnRequest) -> None:
+        self.instance: Instance | None = None
+        self.error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, args=(spawner, request))
+        self._thread.daemon = True
+        self._thread.start()
+
+    def _run(self, spawner: Spawner, request: SpawnRequest) -> None:
+        try:
+            self.instance = spawner.spawn(request)
+        except BaseException as exc:  # handed to the test
+            self.error = exc
+
+    def result(self, timeout: float) -> Instance:
+        """Its instance; the spawn's own error; AssertionError if not done."""
+        self._thread.join(timeout)
+        assert not self._thread.is_alive(), f"the spawn still runs after {timeout} s"
+        if self.error is not None:
+            raise self.error
+        assert self.instance is not None
+        return self.instance
+
+
+@pytest.fixture
+def smart(tmp_path: Path) -> Iterator[tuple[SmartSpawner, str]]:
+    """A started SmartSpawner (in this process) and its socket directory.
+
+    Closed after the test in a thread of its own: a close that hangs (on a
+    lock a stuck spawn holds) fails the test rather than the whole run.
+    """
+    socket_dir = tmp_path / "sockets"
+    socket_dir.mkdir(mode=0o700)
+    spawner = SmartSpawner(max_preloader_idle_time=0)
+    spawner.start(os.fspath(socket_dir))
+    yield spawner, os.fspath(socket_dir)
+    closing = threading.Thread(target=spawner.close, daemon=True)
+    closing.start()
+    closing.join(10)
+    assert not closing.is_alive(), "SmartSpawner.close() hangs"
+
+
+def test_a_preloader_that_does_not_fork_in_time_is_replaced(
+    smart: tuple[SmartSpawner, str], tmp_path: Path, wait_until: Callable[..., None]
+) -> None:
+    """A spawn whose preloader does not answer fails within its timeout, and
+    the next spawn of the app gets a new preloader.
+
+    Before the fix the timed-out fork stopped the preloader while holding the
+    lock stop() takes: the spawn hung for ever, and so did every later spawn
+    of the app (and close()).
+    """
+    spawner, socket_dir = smart
+    app = write_app(tmp_path / "app")
+    instances = [spawner.spawn(SpawnRequest(1, app, socket_dir, 30.0, me()))]
+    live = spawner._live
+    assert live is not None
+    stuck = live.preloaders[app]
+    assert stuck._process is not None
+    stuck_pid = stuck._process.pid
+    os.kill(stuck_pid, signal.SIGSTOP)  # stuck: it is sent the request, never answers
+    try:
+        spawning = Spawning(spawner, SpawnRequest(2, app, socket_dir, 0.5, me()))
+        with pytest.raises(SpawnError, match="did not fork in time"):
+            spawning.result(timeout=10)
+        instances.append(spawner.spawn(SpawnRequest(3, app, socket_dir, 30.0, me())))
+        assert live.preloaders[app] is not stuck
+        wait_until(lambda: not alive(stuck_pid), timeout=5, what="the stuck one killed")
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(stuck_pid, signal.SIGKILL)
+        for instance in instances:
+            instance.stop()
+            instance.wait()
+
+
+def test_a_spawn_waiting_for_a_preloader_that_is_stopped_fails_at_once(
+    smart: tuple[SmartSpawner, str], tmp_path: Path, wait_until: Callable[..., None]
+) -> None:
+    """A restart stops a preloader still loading its app: the spawn waiting
+    for it fails at once, saying so, and nothing stays blocked on the socket;
+    so does close() for the next preloader.
+
+    Before the fix stop() closed the control socket under the thread that
+    waited on it in select(). The next preloader's socket, made at once for
+    the next spawn, took the same descriptor number; the old thread read it
+    once the old preloader was killed, and the spawn waited out its whole
+    spawn timeout (or failed a second later with "Bad file descriptor").
+    """
+    spawner, socket_dir = smart
+    app = write_app(
+        tmp_path / "app",
+        "import threading\nprint('loading', flush=True)\nthreading.Event().wait()\n",
+    )
+    first = Spawning(spawner, SpawnRequest(1, app, socket_dir, 30.0, me()))
+    live = spawner._live
+    assert live is not None
+    wait_until(lambda: app in live.preloaders, what="the spawn to start a preloader")
+    preloader = live.preloaders[app]
+    # Well into the import: its loader thread has long been in select().
+    wait_until(lambda: "loading" in preloader._output.tail(), what="the app to load")
+    spawner.app_restarted(app)
+    second = Spawning(spawner, SpawnRequest(2, app, socket_dir, 30.0, me()))
+    stopped = r"was stopped \(its app restarted\) before it loaded the app"
+    with pytest.raises(SpawnError, match=stopped):
+        first.result(timeout=5)  # not the spawn's 30 s
+    loader = preloader._loader
+    assert loader is not None
+    wait_until(lambda: not loader.is_alive(), timeout=5, what="the loader thread ends")
+    wait_until(
+        lambda: preloader._control.fileno() == -1, timeout=5, what="the socket closed"
+    )
+    wait_until(
+        lambda: live.preloaders.get(app) not in (None, preloader),
+        what="the second spawn to start a preloader",
+    )
+    spawner.close()  # stops the second preloader, loading too
+    with pytest.raises(SpawnError, match=r"was stopped \(the spawner closed\)"):
+        second.result(timeout=5)
+    wait_until(lambda: not processes_in(tmp_path), timeout=5, what="preloaders gone")
+
+
+def test_a_restart_does_not_wait_for_a_fork_under_way_and_lets_it_finish(
+    smart: tuple[SmartSpawner, str], tmp_path: Path, wait_until: Callable[..., None]
+) -> None:
+    """app_restarted runs on the spawner actor's thread: it must not wait
+    for a fork (before, it waited on the fork's lock, as long as the spawn
+    timeout), and the fork under way still gets its worker."""
+    spawner, socket_dir = smart
+    app = write_app(tmp_path / "app")
+    instances = [spawner.spawn(SpawnRequest(1, app, socket_dir, 30.0, me()))]
+    live = spawner._live
+    assert live is not None
+    preloader = live.preloaders[app]
+    assert preloader._process is not None
+    pid = preloader._process.pid
+    os.kill(pid, signal.SIGSTOP)  # the fork we ask for waits until SIGCONT
+    try:
+        spawning = Spawning(spawner, SpawnRequest(2, app, socket_dir, 30.0, me()))
+        wait_until(lambda: unread(preloader._control), what="the fork request sent")
+        restarting = threading.Thread(target=spawner.app_restarted, args=(app,))
+        restarting.daemon = True
+        restarting.start()
+        restarting.join(5)
+        assert not restarting.is_alive(), "app_restarted waits for the fork"
+        os.kill(pid, signal.SIGCONT)
+        instances.append(spawning.result(timeout=10))
+        wait_until(lambda: not alive(pid), timeout=5, what="the old preloader gone")
+        assert instances[1].pid in processes_in(tmp_path)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGCONT)
+        for instance in instances:
+            instance.stop()
+            instance.wait()
+
+
 # --- nothing outlives the server ---------------------------------------------------
 
 
@@ -562,6 +734,56 @@ def test_sigkill_of_the_creator_stops_every_process(
         creator.stdout.close()
 
 
+def test_a_supervisor_stops_a_command_that_never_listens_when_the_server_goes(
+    tmp_path: Path, wait_until: Callable[..., None]
+) -> None:
+    """The lifeline ends while the command is starting: the supervisor stops
+    it and exits. Before the fix the supervisor looked at the lifeline only
+    once the command listened, so both ran on for as long as the command
+    did."""
+    life_r, life_w = os.pipe()
+    ready_r, ready_w = os.pipe()
+    never_listens = "import os, signal; print(os.getpid(), flush=True); signal.pause()"
+    supervisor = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "actorpool.spawners.supervise",
+            os.fspath(tmp_path / "never.sock"),
+            str(ready_w),
+            str(life_r),
+            "-1",
+            "-1",
+            "--",
+            sys.executable,
+            "-c",
+            never_listens,
+        ],
+        stdout=subprocess.PIPE,
+        pass_fds=(ready_w, life_r),
+        start_new_session=True,
+    )
+    os.close(ready_w)
+    os.close(life_r)
+    try:
+        assert supervisor.stdout is not None
+        command = int(supervisor.stdout.readline())  # it runs, and is not ready
+        os.close(life_w)  # the server is gone
+        life_w = -1
+        supervisor.wait(timeout=5)
+        wait_until(lambda: not alive(command), timeout=5, what="the command gone")
+        assert os.read(ready_r, 100) == b""  # never said ready
+    finally:
+        if life_w != -1:
+            os.close(life_w)
+        os.close(ready_r)
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(supervisor.pid, signal.SIGKILL)
+        supervisor.wait()
+        assert supervisor.stdout is not None
+        supervisor.stdout.close()
+
+
 # --- sockets and output ------------------------------------------------------------
 
 
@@ -614,11 +836,12 @@ def test_app_output_reaches_the_server_log_tagged_with_app_and_pid(
 needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="needs root")
 
 
-def write_uid_app(root: Path, owner: int) -> str:
+def write_uid_app(root: Path, owner: int, server: str = ECHO_SERVER) -> str:
     """A command app on the system interpreter (reachable by any user) that
-    answers with its uid; its startup file owned by ``owner``."""
+    answers with its uid (or what ``server`` says); its startup file owned by
+    ``owner``."""
     root.mkdir(parents=True)
-    (root / "server.py").write_text(ECHO_SERVER)
+    (root / "server.py").write_text(server)
     (root / "actorpool.toml").write_text(
         'command = ["/usr/bin/python3", "server.py", "{socket}"]\n'
         '[env]\nGREETING = "uid"\n'
@@ -684,3 +907,47 @@ def test_naming_another_user_without_root_fails_the_spawn(
     pool = serve(DirectSpawner(), user="nobody").connect()
     with pytest.raises(SpawnError, match="only a pool server running as root"):
         pool.get(write_app(tmp_path / "app"))
+
+
+@pytest.fixture
+def grouped_user() -> pwd.struct_passwd:
+    """A user (not root) listed as a member of a group other than its own;
+    the test is skipped if there is none."""
+    for group in grp.getgrall():
+        for name in group.gr_mem:
+            try:
+                user = pwd.getpwnam(name)
+            except KeyError:
+                continue
+            if user.pw_uid != 0 and user.pw_gid != group.gr_gid:
+                return user
+    pytest.skip("no user here is a member of a group other than its own")
+
+
+GROUPS_SERVER = ECHO_SERVER.replace(
+    "uid={os.getuid()}", "groups={' '.join(map(str, sorted(os.getgroups())))}"
+)
+
+
+@needs_root
+@pytest.mark.skipif(not os.path.exists("/usr/bin/python3"), reason="no system python")
+def test_a_command_app_has_its_users_supplementary_groups(
+    public_dir: Path, grouped_user: pwd.struct_passwd
+) -> None:
+    """As a WSGI worker does (os.getgrouplist); before, a command had its
+    user's primary group only."""
+    user = grouped_user
+    app = write_uid_app(public_dir / "app", user.pw_uid, GROUPS_SERVER)
+    server = ApplicationPoolServer(
+        PoolConfig(user=user.pw_name), spawner=DirectSpawner()
+    )
+    try:
+        pool = server.connect()
+        with pool.get(app) as session:
+            groups = {int(gid) for gid in fetch(session).split("groups=")[1].split()}
+        pool.close()
+    finally:
+        server.close()
+    expected = set(os.getgrouplist(user.pw_name, user.pw_gid))
+    assert len(expected) > 1
+    assert groups == expected

@@ -39,6 +39,7 @@ __all__ = [
     "PidfdInstance",
     "PopenInstance",
     "SocketDirs",
+    "groups_of",
     "read_message",
     "write_message",
 ]
@@ -302,8 +303,18 @@ def popen_user_args(user: RunAs | None) -> dict[str, Any]:
     before exec, so no Python runs in between)."""
     if user is None:
         return {}
+    return {
+        "user": user.uid,
+        "group": user.gid,
+        "extra_groups": groups_of(user.uid, user.gid),
+    }
+
+
+def groups_of(uid: int, gid: int) -> list[int]:
+    """The groups a process running as ``uid`` has, as a login would give it:
+    ``gid`` and every group the user is a member of. Shared by WSGI workers
+    and the supervisor's command, so that both kinds of app get the same."""
     try:
-        groups = os.getgrouplist(pwd.getpwuid(user.uid).pw_name, user.gid)
-    except KeyError:
-        groups = [user.gid]
-    return {"user": user.uid, "group": user.gid, "extra_groups": groups}
+        return os.getgrouplist(pwd.getpwuid(uid).pw_name, gid)
+    except KeyError:  # a uid with no passwd entry
+        return [gid]

@@ -20,6 +20,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable
+from typing import Any
 
 import msgpack
 
@@ -119,7 +120,7 @@ class SmartSpawner(Spawner):
                 preloader = self._live.preloaders.pop(app_root, None)
             if preloader is not None:
                 logger.info("restarting the preloader of %s", app_root)
-                preloader.stop()
+                preloader.stop(why="its app restarted")
 
     def close(self) -> None:
         live, self._live = self._live, None
@@ -129,7 +130,7 @@ class SmartSpawner(Spawner):
             preloaders = list(live.preloaders.values())
             live.preloaders.clear()
         for preloader in preloaders:
-            preloader.stop()
+            preloader.stop(why="the spawner closed")
         for preloader in preloaders:
             preloader.join()
         live.lifeline.close()
@@ -139,6 +140,10 @@ class SmartSpawner(Spawner):
         self, live: _Live, spec: AppSpec, user: RunAs | None, deadline: float
     ) -> _Preloader:
         with live.lock:
+            if self._live is not live:
+                # close() has stopped every preloader it found: one made now
+                # would be left running, and this spawn waiting for it.
+                raise SpawnError("the spawner was closed")
             preloader = live.preloaders.get(spec.app_root)
             if preloader is None or not preloader.usable(user):
                 if preloader is not None:
@@ -157,7 +162,9 @@ class SmartSpawner(Spawner):
                 preloader.users -= 1
                 if live.preloaders.get(spec.app_root) is preloader:
                     del live.preloaders[spec.app_root]
-            preloader.stop(kill=True)
+            # Spawns still waiting for it are told why (a failed load has
+            # already told them its own error).
+            preloader.stop(kill=True, why="it did not load within spawn_timeout")
             raise
         return preloader
 
@@ -209,12 +216,21 @@ class _Preloader:
         self.user = user
         self._idle_time = idle_time
         self._on_idle = on_idle
-        self._lock = threading.Lock()
+        self._state = threading.Lock()
+        """Guards ``_stopped``, ``_last_used`` and the settling of ``_ready``;
+        held only briefly, so that stop() never waits for a fork."""
+        self._forking = threading.Lock()
+        """Held by the one fork request on the control socket at a time."""
         self._ready = threading.Event()
         self._error: SpawnError | None = None
         self._stopped = False
+        self._why = ""
+        """How stop() was told to stop it, for the spawns that fail."""
+        self._fork_under_way = False
         self._last_used = time.monotonic()
         self._timer: threading.Timer | None = None
+        self._loader: threading.Thread | None = None
+        self._reaper: threading.Thread | None = None
         self.users = 0
         """Spawns that hold it, waiting for it to load or forking: while any
         does, it is not idle. Changed under the spawner's lock."""
@@ -256,9 +272,10 @@ class _Preloader:
             os.close(out_w)
         self._output = OutputLog(out_r, spec.app_root, "preloader")
         self._output.pid = self._process.pid
-        threading.Thread(
+        self._loader = threading.Thread(
             target=self._await_ready, name="actorpool-preloader", daemon=True
-        ).start()
+        )
+        self._loader.start()
         self.touch()
 
     def __repr__(self) -> str:
@@ -272,6 +289,8 @@ class _Preloader:
             and self._process is not None
             and self._process.poll() is None
             and self._error is None
+            # Stopped but not yet exited (the reaper gives it a second).
+            and not self._stopped
         )
 
     def touch(self) -> None:
@@ -286,7 +305,7 @@ class _Preloader:
 
     def idle_for(self, seconds: float) -> bool:
         """Whether it has not been used for ``seconds``."""
-        with self._lock:
+        with self._state:
             return time.monotonic() - self._last_used >= seconds
 
     def wait_ready(self, deadline: float) -> None:
@@ -304,22 +323,47 @@ class _Preloader:
 
     def fork(self, address: str, deadline: float) -> int:
         """Have it fork a worker listening at ``address``; the worker's pid."""
-        with self._lock:
-            self._last_used = time.monotonic()
+        # Another spawn's fork may be stuck: wait for it no longer than our
+        # own deadline (it stops the preloader when its deadline passes).
+        if not self._forking.acquire(timeout=max(0.0, deadline - time.monotonic())):
+            raise SpawnError(
+                f"the preloader of {self.app_root} did not fork in time "
+                "(busy with another spawn)"
+            )
+        timed_out = False
+        reply: list[Any] | None = None
+        try:
+            with self._state:
+                if self._stopped:
+                    raise SpawnError(self._stopped_text())
+                self._fork_under_way = True
+                self._last_used = time.monotonic()
             try:
                 write_message(self._control.fileno(), ["spawn", address])
                 reply = read_message(self._control.fileno(), deadline, self._unpacker)
             except TimeoutError:
-                self.stop()  # stuck: a fresh one serves the next spawn
-                raise SpawnError(
-                    f"the preloader of {self.app_root} did not fork in time"
-                ) from None
+                timed_out = True
             except OSError as exc:
+                if self._stopped:  # killed under us
+                    raise SpawnError(self._stopped_text()) from None
                 raise SpawnError(
                     f"the preloader of {self.app_root} is gone: {exc}"
                 ) from exc
-            self._last_used = time.monotonic()
+        finally:
+            with self._state:
+                self._fork_under_way = False
+                self._last_used = time.monotonic()
+                if self._stopped:  # stop() left the shutdown to us
+                    self._shutdown()
+            self._forking.release()
+        if timed_out:
+            # Stuck: a fresh one serves the next spawn. Stopped only once the
+            # fork lock is let go, as the reaper stop() starts takes it.
+            self.stop()
+            raise SpawnError(f"the preloader of {self.app_root} did not fork in time")
         if reply is None:
+            if self._stopped:
+                raise SpawnError(self._stopped_text())
             raise SpawnError(
                 f"the preloader of {self.app_root} exited",
                 output=self._output.tail(wait=KILLED_OUTPUT_WAIT),
@@ -330,37 +374,74 @@ class _Preloader:
             )
         return int(reply[1])
 
-    def stop(self, *, kill: bool = False) -> None:
+    def stop(self, *, kill: bool = False, why: str = "") -> None:
         """Let it go: it exits when its control socket closes. ``kill``: a
-        stuck one, killed at once."""
+        stuck one, killed at once. Spawns waiting for it to load fail at once
+        with a :class:`~actorpool.errors.SpawnError` that gives ``why``."""
         if self._timer is not None:
             self._timer.cancel()
+        with self._state:
+            first = not self._stopped
+            if first:
+                self._stopped = True
+                self._why = f"{'killed' if kill else 'stopped'}" + (
+                    f" ({why})" if why else ""
+                )
+                if not self._ready.is_set():
+                    self._error = SpawnError(
+                        f"{self._stopped_text()} before it loaded the app",
+                        output=self._output.tail() if self._process else "",
+                    )
+                    self._ready.set()
+                # A fork under way is let finish (its worker is wanted) and
+                # shuts the socket down itself when it is done.
+                if not self._fork_under_way:
+                    self._shutdown()
         if kill and self._process is not None:
             self._process.kill()
             self._process.wait()
-        with self._lock:
-            if self._stopped:
-                return
-            self._stopped = True
-            self._control.close()
-        if self._process is not None:
-            threading.Thread(
+        if first and self._process is not None:
+            self._reaper = threading.Thread(
                 target=self._reap, name="actorpool-preloader-reap", daemon=True
-            ).start()
+            )
+            self._reaper.start()
 
     def join(self) -> None:
         """Wait (a bounded time) for the process to exit."""
         if self._process is not None:
             with contextlib.suppress(subprocess.TimeoutExpired):
                 self._process.wait(KILL_GRACE * 2)
+        if self._reaper is not None:
+            self._reaper.join(KILL_GRACE)
+
+    def _stopped_text(self) -> str:
+        return f"the preloader of {self.app_root} was {self._why}"
+
+    def _shutdown(self) -> None:
+        # Shut down, not closed: the shutdown wakes whatever waits on the
+        # socket (the loader thread, a fork) and is the preloader's end of
+        # file, while the descriptor stays ours until the reaper closes it
+        # once nothing can be using it, so that its number cannot be reused
+        # under a thread still selecting on it.
+        with contextlib.suppress(OSError):  # never started: already closed
+            self._control.shutdown(socket.SHUT_RDWR)
 
     def _reap(self) -> None:
         assert self._process is not None
+        assert self._loader is not None
+        with self._forking:  # a fork under way has its spawn's deadline
+            pass
         try:
             self._process.wait(KILL_GRACE)
         except subprocess.TimeoutExpired:
             self._process.kill()
             self._process.wait()
+        # Nothing reads the socket any more: the loader has returned (the
+        # shutdown woke it, if the load was not over), no fork can start
+        # (they see it stopped), and one that began first held this lock.
+        self._loader.join()
+        with self._forking:
+            self._control.close()
 
     def _await_ready(self) -> None:
         assert self._process is not None
@@ -368,12 +449,18 @@ class _Preloader:
             message = read_message(self._control.fileno(), math.inf, self._unpacker)
         except (OSError, SpawnError) as exc:
             message = ["error", f"the preloader failed: {exc}", ""]
+        error = None
         if message is None or message[0] != "ready":
+            if self._stopped:
+                return  # stop() woke us, and has failed the waiting spawns
             if message is not None and message[0] == "error" and len(message) == 3:
                 text, trace = str(message[1]), str(message[2])
             else:
                 text, trace = "the preloader exited before it loaded the app", ""
             tail = self._output.tail(wait=KILLED_OUTPUT_WAIT)
             output = tail if trace.strip() in tail else f"{trace.rstrip()}\n{tail}"
-            self._error = SpawnError(f"{self.app_root}: {text}", output=output.strip())
-        self._ready.set()
+            error = SpawnError(f"{self.app_root}: {text}", output=output.strip())
+        with self._state:
+            if not self._ready.is_set():  # else stop() got there first
+                self._error = error
+                self._ready.set()

@@ -9,9 +9,10 @@ the lifeline, so this small process stands between: it starts the command
 (as ``UID``/``GID`` when they are not -1), says ``["ready", pid]`` on
 ``READY`` once the command's socket accepts a connection (``["error",
 text, ""]`` if the command exits first), then waits. When the lifeline
-reaches end of file it stops the command; when the command exits, so does
-the supervisor. The command gets SIGKILL from the kernel if the supervisor
-itself is killed (``PR_SET_PDEATHSIG``).
+reaches end of file, whether the command is ready yet or not, it stops the
+command; when the command exits, so does the supervisor. The command gets
+SIGKILL from the kernel if the supervisor itself is killed
+(``PR_SET_PDEATHSIG``).
 """
 
 from __future__ import annotations
@@ -25,9 +26,8 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 
-from actorpool.spawners._process import KILL_GRACE, write_message
+from actorpool.spawners._process import KILL_GRACE, groups_of, write_message
 
 __all__ = ["main"]
 
@@ -43,7 +43,8 @@ def main(argv: list[str]) -> int:
     command = argv[argv.index("--") + 1 :]
     user: dict[str, object] = {}
     if uid != -1:
-        user = {"user": uid, "group": gid, "extra_groups": [gid]}
+        # The user's supplementary groups as well, as for a WSGI worker.
+        user = {"user": uid, "group": gid, "extra_groups": groups_of(uid, gid)}
     try:
         child = subprocess.Popen(  # type: ignore[call-overload]
             command, preexec_fn=functools.partial(_die_with_parent, os.getpid()), **user
@@ -53,7 +54,15 @@ def main(argv: list[str]) -> int:
         return 1
     # SIGTERM to the supervisor alone (not its group) still stops the command.
     signal.signal(signal.SIGTERM, lambda *_: _terminate(child))
+    pidfd = os.pidfd_open(child.pid)
     while not _accepts(socket_path):
+        # Between two attempts, watch the lifeline too: a server that dies
+        # while the command starts (or never listens) must not leave it.
+        with contextlib.suppress(InterruptedError):
+            readable, _, _ = select.select([lifeline, pidfd], [], [], READY_POLL)
+            if lifeline in readable:
+                _terminate(child)
+                return 0
         if child.poll() is not None:
             write_message(
                 ready,
@@ -65,10 +74,8 @@ def main(argv: list[str]) -> int:
                 ],
             )
             return 1
-        time.sleep(READY_POLL)
     write_message(ready, ["ready", child.pid])
     os.close(ready)
-    pidfd = os.pidfd_open(child.pid)
     while True:
         with contextlib.suppress(InterruptedError):
             readable, _, _ = select.select([lifeline, pidfd], [], [])
