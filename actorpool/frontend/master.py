@@ -230,7 +230,7 @@ class _Master:
     def _fork_worker(self, slot: int) -> None:
         assert self.server is not None
         assert self.status is not None
-        pid = os.fork()
+        pid = fork_without_signals()
         if pid == 0:
             status = 1
             try:
@@ -251,7 +251,7 @@ class _Master:
     def _fork_metrics(self) -> None:
         assert self.server is not None
         assert self.options.metrics is not None
-        pid = os.fork()
+        pid = fork_without_signals()
         if pid == 0:
             status = 1
             try:
@@ -271,9 +271,6 @@ class _Master:
             os.close(fd)
         for listener in self.listeners:
             listener.close()
-        signal.signal(signal.SIGTERM, signal.SIG_DFL)
-        signal.signal(signal.SIGINT, signal.SIG_DFL)
-        signal.signal(signal.SIGHUP, signal.SIG_IGN)
         pool = self.server.connect()
         self.server.detach()
         host, port = self.options.metrics
@@ -283,7 +280,6 @@ class _Master:
     def _inherited(self) -> list[int]:
         """The master's descriptors a child must close."""
         assert self.status is not None
-        signal.set_wakeup_fd(-1)
         return [self.wake_r, self.wake_w, self.status.detach()]
 
     def _stop_children(self) -> None:
@@ -366,6 +362,32 @@ class _Master:
                 ],
             },
         )
+
+
+MASTER_SIGNALS = {signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD}
+"""The signals the master handles (through its wake-up pipe)."""
+
+
+def fork_without_signals() -> int:
+    """``os.fork()``, with the master's signal handling left behind in the child.
+
+    The master's signals are blocked across the fork, and the child drops
+    the master's handlers and wake-up pipe before it unblocks them. Else a
+    signal that reached a child before it set up its own would be written to
+    the pipe it shares with the master, which would take it as its own: a
+    SIGTERM meant for one new worker would stop the whole server.
+    """
+    held = signal.pthread_sigmask(signal.SIG_BLOCK, MASTER_SIGNALS)
+    try:
+        pid = os.fork()
+        if pid == 0:
+            signal.set_wakeup_fd(-1)
+            for signum in MASTER_SIGNALS:
+                signal.signal(signum, signal.SIG_DFL)
+            signal.signal(signal.SIGHUP, signal.SIG_IGN)  # the master's business
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, held)
+    return pid
 
 
 def _listen_private(path: str) -> socket.socket:
