@@ -161,8 +161,13 @@ def read_message(fd: int, deadline: float, unpacker: Any = None) -> list[Any] | 
     if unpacker is None:
         unpacker = msgpack.Unpacker(raw=False, max_buffer_size=MAX_MESSAGE)
     while True:
-        with contextlib.suppress(StopIteration):
+        try:
             message = next(unpacker)
+        except StopIteration:
+            pass
+        except (msgpack.UnpackException, ValueError) as exc:  # not msgpack at all
+            raise SpawnError(f"bad message from a child process: {exc}") from exc
+        else:
             if not isinstance(message, list) or not message:
                 raise SpawnError(f"bad message from a child process: {message!r:.200}")
             return message
@@ -174,7 +179,10 @@ def read_message(fd: int, deadline: float, unpacker: Any = None) -> list[Any] | 
             data = os.read(fd, 65536)
             if not data:
                 return None
-            unpacker.feed(data)
+            try:
+                unpacker.feed(data)
+            except msgpack.BufferFull as exc:
+                raise SpawnError("a child process sent an oversized message") from exc
 
 
 class PopenInstance:
