@@ -4,8 +4,15 @@ from __future__ import annotations
 
 import json
 import os
+import queue
+import re
 import signal
+import subprocess
+import sys
+import threading
+import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
@@ -63,3 +70,45 @@ def test_a_forked_child_keeps_none_of_the_masters_signal_handling(
     # In the master itself, all is as it was.
     assert signal.pthread_sigmask(signal.SIG_BLOCK, []) == set()
     assert callable(signal.getsignal(signal.SIGTERM))  # the master's own handler
+
+
+def test_a_worker_that_cannot_start_is_replaced_ever_more_slowly(
+    tmp_path: Path,
+) -> None:
+    (tmp_path / "app").mkdir()
+    (tmp_path / "app" / "passenger_wsgi.py").write_text(
+        "def application(environ, start_response):\n"
+        "    start_response('200 OK', [])\n"
+        "    return [b'hello']\n"
+    )
+    # The pool takes one client, and there are two workers: the second
+    # cannot connect, dies at once, and would be forked again in a tight loop.
+    process = subprocess.Popen(
+        [
+            *(sys.executable, "-m", "actorpool", "serve", "--bind", "127.0.0.1:0"),
+            *("--runtime-dir", str(tmp_path / "run"), "--log-level", "warning"),
+            *("--workers", "2", "--max-clients", "1", str(tmp_path / "app")),
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    lines: queue.Queue[str] = queue.Queue()
+    assert process.stderr is not None
+    reader = threading.Thread(
+        target=lambda: [lines.put(line) for line in process.stderr or ()], daemon=True
+    )
+    reader.start()
+    try:
+        delays = []
+        deadline = time.monotonic() + 30
+        while len(delays) < 3:
+            line = lines.get(timeout=max(0.0, deadline - time.monotonic()))
+            if match := re.search(r"starting another in ([\d.]+) s", line):
+                delays.append(float(match[1]))
+        assert delays == [0.1, 0.5, 1.0]
+    finally:
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=30) == 0
+        reader.join(10)
+        process.stderr.close()

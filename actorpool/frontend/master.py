@@ -48,6 +48,13 @@ STATUS_TIMEOUT = 5.0
 KILL_AFTER_GRACE = 5.0
 """Seconds past the grace period after which stopping workers are killed."""
 
+HEALTHY_LIFETIME = 5.0
+"""Seconds a worker must live for its death to be made up for at once."""
+RESTART_DELAYS = (0.1, 0.5, 1.0, 2.0, 5.0)
+"""Waits before replacing a worker that died young, one more step each
+time in a row: a worker that cannot start (say, --max-clients below
+--workers) is not forked again in a tight loop."""
+
 
 @dataclasses.dataclass(frozen=True)
 class ServeOptions:
@@ -119,6 +126,9 @@ class _Master:
         self.listeners = listeners
         self.started = time.time()
         self.workers: dict[int, int] = {}  # pid -> its listener's index
+        self.started_at: dict[int, float] = {}  # slot -> when its worker was forked
+        self.young_deaths: dict[int, int] = {}  # slot -> deaths in a row, young
+        self.due: dict[int, float] = {}  # slot -> when to replace its worker
         self.metrics_pid = 0
         self.stopping = False
         self.status_code = 0
@@ -151,7 +161,11 @@ class _Master:
             self._fork_metrics()
         while not self.stopping:
             status_fd = self.status.fileno()
-            readable, _, _ = select.select([self.wake_r, status_fd], [], [])
+            timeout = None
+            if self.due:
+                timeout = max(0.0, min(self.due.values()) - time.monotonic())
+            readable, _, _ = select.select([self.wake_r, status_fd], [], [], timeout)
+            self._replace_due_workers()
             if status_fd in readable:
                 self._answer_status()
             if self.wake_r in readable:
@@ -196,10 +210,7 @@ class _Master:
             if pid in self.workers:
                 slot = self.workers.pop(pid)
                 if not self.stopping:
-                    logger.warning(
-                        "worker %d exited (%s); starting another", pid, _how(status)
-                    )
-                    self._fork_worker(slot)
+                    self._schedule_replacement(slot, pid, status)
             elif self.server is not None and pid == self.server.pid:
                 # Reaped here rather than by server.close(), which copes.
                 logger.critical("the pool server exited (%s); stopping", _how(status))
@@ -210,6 +221,25 @@ class _Master:
                 if not self.stopping:
                     logger.warning("metrics process %d exited; restarting", pid)
                     self._fork_metrics()
+
+    def _schedule_replacement(self, slot: int, pid: int, status: int) -> None:
+        if time.monotonic() - self.started_at[slot] >= HEALTHY_LIFETIME:
+            self.young_deaths.pop(slot, None)
+            delay = 0.0
+        else:
+            deaths = self.young_deaths[slot] = self.young_deaths.get(slot, 0) + 1
+            delay = RESTART_DELAYS[min(deaths, len(RESTART_DELAYS)) - 1]
+        logger.warning(
+            "worker %d exited (%s); starting another in %g s", pid, _how(status), delay
+        )
+        self.due[slot] = time.monotonic() + delay
+
+    def _replace_due_workers(self) -> None:
+        now = time.monotonic()
+        for slot, when in sorted(self.due.items()):
+            if when <= now and not self.stopping:
+                del self.due[slot]
+                self._fork_worker(slot)
 
     def _restart_all(self) -> None:
         assert self.server is not None
@@ -247,6 +277,7 @@ class _Master:
             finally:
                 _exit(status)
         self.workers[pid] = slot
+        self.started_at[slot] = time.monotonic()
 
     def _fork_metrics(self) -> None:
         assert self.server is not None
