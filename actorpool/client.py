@@ -120,6 +120,20 @@ class Session:
         self.socket.close()
         self._pool._notify(CloseSession(self.id))
 
+    def discard(self) -> None:
+        """Close, and have the server stop the process rather than reuse it.
+
+        For a process that misbehaved (it hung, say): the server stops it,
+        and starts another when one is needed. Like :meth:`close`,
+        idempotent, and nothing once closed.
+        """
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+        self.socket.close()
+        self._pool._notify(SessionFailed(self.id))
+
     def __enter__(self) -> Session:
         return self
 

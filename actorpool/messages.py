@@ -226,7 +226,8 @@ class CloseSession(WireMessage):
 @_wire(21, Category.NOTICE)
 @dataclasses.dataclass(frozen=True, slots=True)
 class SessionFailed(WireMessage):
-    """The client could not connect to the session's process: it is dead."""
+    """The session's process is unusable: the client could not connect to
+    it, or it misbehaved (``Session.discard()``). The server stops it."""
 
     session_id: int
     """The id from the ``SessionGranted`` reply."""

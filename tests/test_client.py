@@ -264,6 +264,22 @@ def test_a_grant_that_cannot_get_a_socket_is_given_back(
     assert server.receive() == CloseSession(57)
 
 
+def test_discarding_a_session_tells_the_server_it_failed_once(
+    pair: Pair, listener: str
+) -> None:
+    connect, server = pair
+    pool = connect()
+    grant_the_next_get(server, 78, listener)
+    session = pool.get("/srv/a")
+    session.discard()
+    session.discard()
+    session.close()
+    assert session.closed
+    assert server.receive() == SessionFailed(78)
+    pool.close()
+    assert server.receive() is PEER_CLOSED  # nothing more was sent
+
+
 def test_the_server_going_away_fails_every_waiter(pair: Pair) -> None:
     connect, server = pair
     pool = connect()
