@@ -66,7 +66,16 @@ SERVE_SETTINGS: dict[str, _Setting] = {
         ("production", "development"),
     ),
     "client_timeout": _Setting(
-        _seconds, 30.0, "seconds a client may stay silent mid-request or idle"
+        _seconds,
+        30.0,
+        "seconds a client may stay silent mid-request or idle, and may take"
+        " to send a request head",
+    ),
+    "app_timeout": _Setting(
+        _seconds,
+        60.0,
+        "seconds an app may keep a request waiting with nothing sent or taken"
+        " (then 504, and the process is stopped)",
     ),
     "max_header_size": _Setting(int, 16384, "largest request head, in bytes"),
     "get_timeout": _Setting(
@@ -204,6 +213,7 @@ def _serve(args: argparse.Namespace) -> int:
         development=settings["environment"] == "development",
         client_timeout=_seconds_setting("client_timeout", settings, allow_zero=False),
         max_header_size=_at_least_one("max_header_size", settings),
+        app_timeout=_seconds_setting("app_timeout", settings, allow_zero=False),
         get_timeout=_seconds_setting("get_timeout", settings, allow_zero=True) or None,
         access_log=bool(settings["access_log"]),
     )

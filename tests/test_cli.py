@@ -40,6 +40,7 @@ def app(tmp_path: Path) -> str:
         (["--grace", "-1"], "--grace"),
         (["--client-timeout", "0"], "--client-timeout"),
         (["--client-timeout", "1e10"], "--client-timeout"),
+        (["--app-timeout", "0"], "--app-timeout"),
         (["--get-timeout", "-5"], "--get-timeout"),
         (["--max-header-size", "0"], "--max-header-size"),
         (["--threads", "0"], "--threads"),
@@ -90,6 +91,7 @@ def test_good_settings_reach_serve(
     config = tmp_path / "serve.toml"
     config.write_text("access_log = true\ngrace = 5\nget_timeout = 2.5\n")
     args: list[Any] = ["serve", "--config", str(config), "--client-timeout", "7"]
+    args += ["--app-timeout", "9"]
     assert cli.main([*args, "--max-header-size", "1000", app]) == 0
     (options,) = served
     assert options.worker.grace == 5.0
@@ -97,3 +99,4 @@ def test_good_settings_reach_serve(
     assert options.worker.proxy.get_timeout == 2.5
     assert options.worker.proxy.client_timeout == 7.0
     assert options.worker.proxy.max_header_size == 1000
+    assert options.worker.proxy.app_timeout == 9.0

@@ -13,11 +13,14 @@ import contextlib
 import dataclasses
 import hashlib
 import http.client
+import io
 import json
 import logging
 import re
+import select
 import socket
 import threading
+import time
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -40,7 +43,7 @@ TIMEOUT = 30.0
 (generous: a spawn on a loaded machine can take several seconds)."""
 
 APP = """
-import hashlib, json, os
+import hashlib, json, os, threading
 
 KEYS = [
     "REQUEST_METHOD", "SCRIPT_NAME", "PATH_INFO", "QUERY_STRING", "HTTP_HOST",
@@ -58,6 +61,14 @@ def application(environ, start_response):
         return respond(start_response, {"early": True})
     if path == "/upload":
         return upload(environ, start_response)
+    if path == "/echo":  # the body back, as it is read
+        start_response("200 OK", [("Content-Type", "application/octet-stream")])
+        return iter(lambda: environ["wsgi.input"].read(65536), b"")
+    if path == "/hang":
+        threading.Event().wait()  # for ever
+    if path == "/hang-midway":
+        start_response("200 OK", [("Content-Length", "1000000")])
+        return hang_midway()
     if path == "/big":
         start_response("200 OK", [("Content-Type", "application/octet-stream")])
         return (BLOCK for _ in range(int(environ["QUERY_STRING"])))
@@ -79,6 +90,10 @@ def upload(environ, start_response):
 def die_midway():
     yield b"x" * 1000
     os._exit(1)
+
+def hang_midway():
+    yield b"x" * 1000
+    threading.Event().wait()
 
 def respond(start_response, data):
     body = json.dumps(data).encode()
@@ -209,6 +224,32 @@ class Front:
                 self.errors.append(exc)
 
 
+def read_responses(data: bytes) -> list[tuple[int, http.client.HTTPMessage, bytes]]:
+    """Status, headers and body of each response in `data` (all a connection
+    sent), for requests pipelined on one connection."""
+
+    class Stream(io.BytesIO):
+        def close(self) -> None:
+            pass  # reading a response to its end closes it: the next follows
+
+    class Recorded:
+        """What HTTPResponse needs of a socket."""
+
+        def __init__(self) -> None:
+            self.stream = Stream(data)
+
+        def makefile(self, mode: str) -> Stream:
+            return self.stream
+
+    recorded = Recorded()
+    responses = []
+    while recorded.stream.tell() < len(data):
+        response = http.client.HTTPResponse(recorded)  # type: ignore[arg-type]
+        response.begin()
+        responses.append((response.status, response.headers, response.read()))
+    return responses
+
+
 StartFront = Callable[..., Front]
 
 
@@ -280,12 +321,22 @@ def test_script_name_and_path_info_by_prefix_and_host(
     assert (seen["SCRIPT_NAME"], seen["PATH_INFO"]) == ("/blog", "/post one/")
     assert seen["QUERY_STRING"] == "q=%20"
 
+    # The bare prefix has an empty PATH_INFO, as PEP 3333 has it: the app
+    # can tell it from the prefix and a slash.
     seen = proxy.environ("/blog")
     assert (seen["root"], seen["SCRIPT_NAME"], seen["PATH_INFO"]) == (
         blog,
         "/blog",
-        "/",
+        "",
     )
+    seen = proxy.environ("/blog?q=1")
+    assert (seen["SCRIPT_NAME"], seen["PATH_INFO"], seen["QUERY_STRING"]) == (
+        "/blog",
+        "",
+        "q=1",
+    )
+    seen = proxy.environ("/blog/")
+    assert (seen["SCRIPT_NAME"], seen["PATH_INFO"]) == ("/blog", "/")
 
     seen = proxy.environ("/blogroll")
     assert (seen["root"], seen["SCRIPT_NAME"], seen["PATH_INFO"]) == (
@@ -337,13 +388,15 @@ def test_a_client_sent_script_name_is_not_trusted(
 ) -> None:
     root, blog = (write_app(tmp_path / name, APP) for name in "ab")
     proxy = front([root, f"/blog={blog}"])
-    forged = {"X-Actorpool-Script-Name": "/forged"}
+    forged = {"X-Actorpool-Script-Name": "/forged", "X-Actorpool-Path-Info": "/p"}
 
     seen = proxy.environ("/x", forged)
     assert (seen["SCRIPT_NAME"], seen["PATH_INFO"]) == ("", "/x")
     seen = proxy.environ("/blog/x", forged)
     assert (seen["SCRIPT_NAME"], seen["PATH_INFO"]) == ("/blog", "/x")
     assert seen["HTTP_X_ACTORPOOL_SCRIPT_NAME"] is None
+    seen = proxy.environ("/blog", forged)
+    assert (seen["SCRIPT_NAME"], seen["PATH_INFO"]) == ("/blog", "")
 
 
 def test_hop_by_hop_headers_are_dropped_both_ways(front: StartFront, app: str) -> None:
@@ -372,6 +425,50 @@ def test_hop_by_hop_headers_are_dropped_both_ways(front: StartFront, app: str) -
         assert seen[dropped] is None, dropped
     assert seen["HTTP_X_CUSTOM"] == "kept"
     assert seen["HTTP_X_FORWARDED_FOR"] == "10.1.2.3, 127.0.0.1"
+
+
+def test_a_connection_header_cannot_remove_framing_headers(
+    front: StartFront, app: str
+) -> None:
+    # Dropping the Content-Length named here would leave the body read by
+    # its length unframed for the app: h11 refused to send it, and the
+    # client got no answer at all.
+    proxy = front([app])
+    with proxy.raw() as sock:
+        sock.sendall(
+            b"POST /env HTTP/1.1\r\nHost: x\r\n"
+            b"Connection: content-length, host, transfer-encoding, x-hop\r\n"
+            b"X-Hop: 1\r\nContent-Length: 5\r\n\r\nhello"
+            b"GET /after HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+        )
+        first, second = read_responses(recv_all(sock))
+    assert first[0] == 200
+    seen = json.loads(first[2])
+    assert (seen["body"], seen["CONTENT_LENGTH"]) == ("hello", "5")
+    assert (seen["HTTP_HOST"], seen["HTTP_X_HOP"]) == ("x", None)
+    assert json.loads(second[2])["PATH_INFO"] == "/after"
+    proxy.join_clients()
+
+
+def test_a_request_with_content_length_and_chunked_closes_the_connection(
+    front: StartFront, app: str
+) -> None:
+    # RFC 9112 section 6.1: a request with both may be a smuggling attempt
+    # (a hop that goes by Content-Length would see "0\r\n\r\nGET ..." as
+    # body); the server must close after its response, so the request
+    # pipelined after it is never served.
+    proxy = front([app])
+    with proxy.raw() as sock:
+        sock.sendall(
+            b"POST /env HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n"
+            b"Transfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n"
+            b"GET /smuggled HTTP/1.1\r\nHost: x\r\n\r\n"
+        )
+        [(status, headers, body)] = read_responses(recv_all(sock))
+    assert status == 200
+    assert headers["Connection"] == "close"
+    assert json.loads(body)["body"] == "hello"
+    proxy.join_clients()
 
 
 def test_an_http_10_request_without_host_is_served(front: StartFront, app: str) -> None:
@@ -481,6 +578,47 @@ def test_an_early_answer_to_a_big_upload_closes_the_connection(
         finally:
             sender.join(TIMEOUT)
         assert not sender.is_alive(), "the upload never ended"
+    proxy.join_clients()
+
+
+def test_an_app_may_answer_while_it_reads_a_big_upload(
+    front: StartFront, app: str
+) -> None:
+    # The app echoes each piece as it reads it. Were the whole body sent
+    # before the response is read, the app would block writing once the
+    # socket buffers are full, stop reading, and both would wait for ever.
+    blocks = 16
+    proxy = front([app])
+    with proxy.raw() as sock:
+
+        def upload() -> None:
+            size = blocks * len(BLOCK)
+            sock.sendall(
+                f"POST /echo HTTP/1.1\r\nHost: x\r\nContent-Length: {size}\r\n"
+                "\r\n".encode()
+            )
+            for _ in range(blocks):
+                sock.sendall(BLOCK)
+
+        sender = threading.Thread(target=upload, name="upload")
+        sender.start()
+        digest, size = hashlib.sha256(), 0
+        try:
+            response = http.client.HTTPResponse(sock)
+            response.begin()
+            assert response.status == 200
+            while chunk := response.read(1024 * 1024):
+                digest.update(chunk)
+                size += len(chunk)
+            response.close()
+        finally:
+            sender.join(TIMEOUT)
+        assert not sender.is_alive(), "the upload never ended"
+    expected = hashlib.sha256()
+    for _ in range(blocks):
+        expected.update(BLOCK)
+    assert size == blocks * len(BLOCK)
+    assert digest.hexdigest() == expected.hexdigest()
     proxy.join_clients()
 
 
@@ -646,6 +784,41 @@ def test_an_app_that_dies_mid_response_drops_the_client(
     assert proxy.get("/env")[0] == 200
 
 
+def test_an_app_that_hangs_before_answering_gives_504(
+    front: StartFront, app: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    proxy = front([app], ProxyOptions(app_timeout=0.5))
+    status, _, body = proxy.get("/hang")
+    assert status == 504
+    assert b"in time" in body
+    [record] = [r for r in caplog.records if r.name == "actorpool.frontend"]
+    assert record.levelno == logging.ERROR
+    assert app in record.getMessage()
+    assert "504" in record.getMessage()
+    match = re.search(r"\(pid (\d+)\)", record.getMessage())
+    assert match is not None
+    # The hung process is stopped, not given to the next request.
+    assert int(match[1]) not in pids(proxy.pool)
+    assert proxy.get("/env")[0] == 200
+    proxy.join_clients()
+
+
+def test_an_app_that_hangs_mid_response_drops_the_client(
+    front: StartFront, app: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    proxy = front([app], ProxyOptions(app_timeout=0.5))
+    with proxy.connect() as conn:
+        conn.request("GET", "/hang-midway")
+        response = conn.getresponse()
+        assert response.status == 200
+        with pytest.raises(http.client.IncompleteRead):
+            response.read()
+    [record] = [r for r in caplog.records if r.name == "actorpool.frontend"]
+    assert record.levelno == logging.ERROR
+    assert "after the response began" in record.getMessage()
+    proxy.join_clients()
+
+
 # --- stopping, timeouts, bad clients ---------------------------------------------
 
 
@@ -760,6 +933,50 @@ def test_an_oversized_request_head_gets_431(front: StartFront, app: str) -> None
     assert proxy.get("/env", {"X-Fits": "f" * 3000})[0] == 200
 
 
+def test_an_oversized_request_head_that_arrives_whole_gets_431(
+    front: StartFront, app: str
+) -> None:
+    # Pipelined in one send, so each head is complete in the first read: a
+    # body bigger than the limit is not part of the head, the second head is.
+    proxy = front([app], ProxyOptions(max_header_size=4096))
+    with proxy.raw() as sock:
+        sock.sendall(
+            b"POST /env HTTP/1.1\r\nHost: x\r\nContent-Length: 8000\r\n\r\n"
+            + b"a" * 8000
+            + b"GET /env HTTP/1.1\r\nHost: x\r\nX-Big: "
+            + b"b" * 8000
+            + b"\r\nConnection: close\r\n\r\n"
+        )
+        first, second = read_responses(recv_all(sock))
+    assert first[0] == 200
+    assert json.loads(first[2])["body"] == "a" * 8000
+    assert second[0] == 431
+    proxy.join_clients()
+
+
+def test_a_request_head_trickled_in_times_out_as_a_whole(
+    front: StartFront, app: str
+) -> None:
+    # Each byte comes well within client_timeout of the last one, so only
+    # a deadline for the whole head ends this; without one the thread is
+    # the client's for as long as it likes.
+    timeout = 0.5
+    proxy = front([app], ProxyOptions(client_timeout=timeout))
+    head = b"GET /env HTTP/1.1\r\nHost: x\r\nX-Pad: " + b"p" * 10_000
+    answer = b""
+    with proxy.raw() as sock:
+        give_up = time.monotonic() + 10 * timeout
+        for byte in head:
+            # Waiting for the answer between bytes paces the trickle.
+            if select.select([sock], [], [], timeout / 5)[0]:
+                answer = recv_all(sock)
+                break
+            assert time.monotonic() < give_up, "the trickling client was not cut off"
+            sock.sendall(bytes([byte]))
+    assert answer.startswith(b"HTTP/1.1 408 "), answer
+    proxy.join_clients()
+
+
 def test_the_access_log_has_one_common_log_format_line_per_request(
     front: StartFront, app: str, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -787,6 +1004,7 @@ def test_proxy_options_are_checked() -> None:
     for bad in (
         {"client_timeout": 0},
         {"client_timeout": float("inf")},
+        {"app_timeout": 0},
         {"max_header_size": 0},
         {"get_timeout": -1},
         {"retry_after": True},

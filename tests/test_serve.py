@@ -192,6 +192,13 @@ def test_two_apps_by_prefix_and_by_host(
         "QUERY_STRING": "x=2",
         "HTTP_HOST": f"{running.host}:{running.port}",
     }
+    # The bare prefix and the prefix with a slash are two URLs to the app.
+    _, _, body = running.request("/blog?x=3")
+    assert json.loads(body)["SCRIPT_NAME"] == "/blog"
+    assert json.loads(body)["PATH_INFO"] == ""
+    assert json.loads(body)["QUERY_STRING"] == "x=3"
+    _, _, body = running.request("/blog/")
+    assert json.loads(body)["PATH_INFO"] == "/"
     _, _, body = running.request("/blogroll")  # not under /blog
     assert json.loads(body)["SCRIPT_NAME"] == ""
     assert json.loads(body)["PATH_INFO"] == "/blogroll"

@@ -24,7 +24,7 @@ from typing import Any
 
 import pytest
 
-from actorpool.frontend.proxy import SCRIPT_NAME_HEADER
+from actorpool.frontend.proxy import PATH_INFO_HEADER, SCRIPT_NAME_HEADER
 from actorpool.spawners import wsgi
 from actorpool.spawners.wsgi import (
     StartResponse,
@@ -270,17 +270,29 @@ def test_script_name_header_becomes_script_name(
         assert conn.getresponse().read() == b""
         conn.request("GET", "/plain")
         assert conn.getresponse().read() == b""
+        conn.request(  # the bare prefix: the target is "/", PATH_INFO is ""
+            "GET",
+            "/?q=2",
+            headers={"X-Actorpool-Script-Name": "/blog", "X-Actorpool-Path-Info": ""},
+        )
+        assert conn.getresponse().read() == b""
 
-    mounted, plain = seen
+    mounted, plain, bare = seen
     assert (mounted["SCRIPT_NAME"], mounted["PATH_INFO"]) == ("/my blog", "/rest!")
     assert mounted["QUERY_STRING"] == "q=1"
     assert "HTTP_X_ACTORPOOL_SCRIPT_NAME" not in mounted
     assert (plain["SCRIPT_NAME"], plain["PATH_INFO"]) == ("", "/plain")
+    assert (bare["SCRIPT_NAME"], bare["PATH_INFO"]) == ("/blog", "")
+    assert bare["QUERY_STRING"] == "q=2"
+    assert "HTTP_X_ACTORPOOL_PATH_INFO" not in bare
 
 
-def test_the_worker_reads_the_header_the_proxy_sets() -> None:
-    variable = "HTTP_" + SCRIPT_NAME_HEADER.upper().replace("-", "_")
-    assert variable == wsgi._SCRIPT_NAME_VARIABLE
+def test_the_worker_reads_the_headers_the_proxy_sets() -> None:
+    for header, variable in (
+        (SCRIPT_NAME_HEADER, wsgi._SCRIPT_NAME_VARIABLE),
+        (PATH_INFO_HEADER, wsgi._PATH_INFO_VARIABLE),
+    ):
+        assert "HTTP_" + header.upper().replace("-", "_") == variable
 
 
 BODY = b"first line\nsecond line\n" + b"x" * 200_000 + b"\n\nlast, unterminated"

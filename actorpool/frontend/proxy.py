@@ -10,7 +10,8 @@ server connection faces the client, a client connection faces the app.
 Bodies stream both ways a piece at a time: each piece the client sends is
 passed on to the app before the next is read, and each piece the app sends
 is passed on to the client likewise, so neither an upload nor a download
-is ever held in memory whole.
+is ever held in memory whole. The two directions move at once: an app may
+send its response while it still reads the request body.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ import socket
 import threading
 import time
 import urllib.parse
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 
 import h11
 
@@ -40,7 +41,7 @@ from actorpool.errors import (
 )
 from actorpool.frontend.routes import Route, Router
 
-__all__ = ["SCRIPT_NAME_HEADER", "ProxyOptions", "serve_client"]
+__all__ = ["PATH_INFO_HEADER", "SCRIPT_NAME_HEADER", "ProxyOptions", "serve_client"]
 
 logger = logging.getLogger("actorpool.frontend")
 access_logger = logging.getLogger("actorpool.access")
@@ -51,6 +52,17 @@ SCRIPT_NAME_HEADER = "x-actorpool-script-name"
 The bundled WSGI worker makes it ``SCRIPT_NAME``. Its value is the prefix as
 it appears in the URL (%-encoded, like the path the app receives). One sent
 by the client is always removed.
+"""
+
+PATH_INFO_HEADER = "x-actorpool-path-info"
+"""Request header that tells the app its ``PATH_INFO`` (%-encoded).
+
+The rest of the path after the prefix is the request target the app
+receives, except for a request for the bare prefix (``/blog`` of an app at
+``/blog``): that rest is empty, which a request target cannot be, so the app
+receives ``/``, as for ``/blog/``. Such a request (only) comes with this
+header, empty, from which the bundled WSGI worker makes ``PATH_INFO`` ``""``
+as PEP 3333 (and CGI) have it. One sent by the client is always removed.
 """
 
 _Headers = list[tuple[bytes, bytes]]
@@ -72,7 +84,10 @@ _HOP_BY_HOP = frozenset(
     {b"connection", b"keep-alive", b"te", b"trailer", b"transfer-encoding", b"upgrade"}
 )
 """Headers that describe one connection, not the message (plus ``proxy-*``)."""
+_FRAMING = frozenset({b"content-length", b"transfer-encoding", b"host"})
+"""Headers a ``Connection`` header may not remove (see :func:`_end_to_end`)."""
 _SCRIPT_NAME = SCRIPT_NAME_HEADER.encode("ascii")
+_PATH_INFO = PATH_INFO_HEADER.encode("ascii")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -82,11 +97,16 @@ class ProxyOptions:
     development: bool = False
     """Show the app's traceback on the 500 page when it cannot start."""
     client_timeout: float = 30.0
-    """Seconds a client may be silent mid-request, or idle in keep-alive."""
+    """Seconds a client may be silent mid-request, or idle in keep-alive; and
+    the longest a request head may take from its first byte to its end."""
     max_header_size: int = 16384
     """Largest request head accepted; a larger one gets 431."""
     get_timeout: float | None = None
     """Longest wait for a session (``pool.get(timeout=...)``); then 504."""
+    app_timeout: float = 60.0
+    """Seconds the app may keep the proxy waiting on it alone (no response
+    byte, no request body taken); then 504, or the client connection is
+    dropped once the response has begun."""
     retry_after: int = 5
     """``Retry-After`` seconds on the 503 of a full queue."""
     access_log: bool = False
@@ -100,6 +120,10 @@ class ProxyOptions:
         if not _int_at_least(self.max_header_size, 1):
             raise ConfigError(
                 f"max_header_size must be an int >= 1, not {self.max_header_size!r}"
+            )
+        if not _seconds(self.app_timeout, allow_zero=False):
+            raise ConfigError(
+                f"app_timeout must be a number > 0, not {self.app_timeout!r}"
             )
         if self.get_timeout is not None and not _seconds(
             self.get_timeout, allow_zero=True
@@ -174,6 +198,10 @@ class _AppError(Exception):
     """The app process closed the connection or broke HTTP."""
 
 
+class _AppTimeout(_AppError):
+    """The app kept the proxy waiting longer than ``app_timeout``."""
+
+
 class _Abort(Exception):
     """The response cannot be completed; the client connection is dropped."""
 
@@ -229,35 +257,39 @@ def _handle(client: _Client, request: h11.Request, context: _Context) -> None:
         with context.pool.get(
             route.app_root, timeout=context.options.get_timeout
         ) as session:
-            _relay(client, session, forward)
+            _relay(client, session, forward, context.options.app_timeout)
     except ActorPoolError as exc:
         # Only pool.get raises these: the relay raises its own errors.
         _pool_failed(client, route, exc, context.options)
 
 
-def _relay(client: _Client, session: Session, request: h11.Request) -> None:
+def _relay(
+    client: _Client, session: Session, request: h11.Request, app_timeout: float
+) -> None:
     """Forward `request` to the session's app and its response to the client."""
-    # What goes to the client is held back only while the app's next bytes
-    # are already read: it leaves before any wait for more.
-    app = _App(session.socket, before_wait=client.flush)
+    app = _App(session.socket)
     try:
-        _send_request(client, app, request)
-        response = app.next_response()
+        _exchange(client, app, request, app_timeout)
     except _AppError as exc:
-        logger.error(
-            "%s (pid %d): %s; answering 502", session.app_root, session.pid, exc
-        )
-        client.respond(
-            502, "502 Bad Gateway\n\nThe application did not answer properly.\n"
-        )
-        return
-    headers = _end_to_end(response, set())
-    head = client.response(response.status_code, headers, response.reason)
-    client.send(head, flush=False)
-    try:
-        for data in app.body():
-            client.send(h11.Data(data=data), flush=False)
-    except _AppError as exc:
+        if isinstance(exc, _AppTimeout):
+            # Hung: given back, it would be the next request's too.
+            session.discard()
+        if client.body_unread:
+            client.keep_alive = False  # the rest of the body has nowhere to go
+        if not client.response_started:
+            status, text = 502, "The application did not answer properly."
+            if isinstance(exc, _AppTimeout):
+                status, text = 504, "The application did not answer in time."
+            logger.error(
+                "%s (pid %d): %s; answering %d",
+                session.app_root,
+                session.pid,
+                exc,
+                status,
+            )
+            phrase = http.HTTPStatus(status).phrase
+            client.respond(status, f"{status} {phrase}\n\n{text}\n")
+            return
         # The status is out already (or about to be: what was held back
         # goes now): all the client can be told is that the response is cut
         # short, by losing the connection.
@@ -270,28 +302,108 @@ def _relay(client: _Client, session: Session, request: h11.Request) -> None:
             exc,
         )
         raise _Abort(str(exc)) from exc
-    client.send(h11.EndOfMessage(), flush=False)
-    client.flush()
     session.close()  # the app's response is all read: free its process now
 
 
-def _send_request(client: _Client, app: _App, request: h11.Request) -> None:
-    """Send the request head to the app, then its body, a piece at a time.
+def _exchange(
+    client: _Client, app: _App, request: h11.Request, app_timeout: float
+) -> None:
+    """Send `request` and the client's body to the app while passing its
+    response on to the client, until the response is complete.
 
-    If the app stops taking it (it answered early, or died), sending stops
-    and the rest of the body is left unread; the app's response is read next.
+    Both directions move at once, each as far as the other side is ready:
+    an app may answer (an echo, a transcoder) while it still reads the body,
+    and if the body all had to go first, the app would block writing its
+    response once the socket buffers fill, no longer reading, and the proxy
+    would block sending it the body: both stuck for ever.
+
+    One side is waited on at a time. While the proxy needs more of the body,
+    the client: silent for ``client_timeout`` it gets 408 (the app's
+    response data is passed on meanwhile, but does not excuse the client).
+    Otherwise the app, which must send or take a byte every `app_timeout`
+    seconds (:class:`_AppTimeout`). If the app stops taking the body (it
+    answered early, or died), sending stops and the rest of the body is
+    left unread; the app's response is read on. Once the response is
+    complete, nothing more is forwarded.
     """
-    try:
-        app.send(request)
-        while True:
-            event = client.next_body_event()
+    app.send(request)
+    forwarding = True
+    waiting_for_client: bool | None = None
+    since = time.monotonic()
+    poller = select.poll()
+    poller.register(client.conn, 0)
+    poller.register(app.sock, 0)
+    while True:
+        # Take as much of the body as has arrived, as long as the app takes
+        # it: the client's bytes are read no faster than the app's. Each
+        # piece is offered to the socket at once: it usually takes it all,
+        # which saves a poll for writability (a whole poll per request for
+        # the request head).
+        while forwarding:
+            if app.outgoing:
+                sent = app.write()
+                if sent is None:  # the app takes no more
+                    forwarding = False
+                    client.keep_alive = not client.body_unread
+                    break
+                if app.outgoing:
+                    break
+            event = client.body_event()
+            if event is None:
+                break
             if isinstance(event, h11.EndOfMessage):
+                forwarding = False
                 app.send(h11.EndOfMessage())
+                if app.outgoing and app.write() is None:
+                    client.keep_alive = not client.body_unread
+            else:
+                app.send(h11.Data(data=event.data))
+        for answer in app.events():
+            if isinstance(answer, h11.Response):
+                if client.body_unread:
+                    # The app answered before the body was all read, and
+                    # may never read the rest: keeping the connection
+                    # would mean reading (any amount of) it here.
+                    client.keep_alive = False
+                headers = _end_to_end(answer, set())
+                head = client.response(answer.status_code, headers, answer.reason)
+                client.send(head, flush=False)
+            elif isinstance(answer, h11.Data):
+                client.send(h11.Data(data=answer.data), flush=False)
+            elif isinstance(answer, h11.EndOfMessage):
+                client.send(h11.EndOfMessage(), flush=False)
+                client.flush()
                 return
-            app.send(h11.Data(data=event.data))
-    except _AppError as exc:
-        logger.debug("sending the request stopped: %s", exc)
-        client.keep_alive = client.http.their_state is h11.DONE
+        # What goes to the client is held back only while the app's next
+        # bytes are already read: it leaves before any wait for more.
+        client.flush()
+
+        on_client = forwarding and not app.outgoing
+        now = time.monotonic()
+        if on_client is not waiting_for_client:
+            waiting_for_client, since = on_client, now
+        limit = client.timeout if on_client else app_timeout
+        remaining = since + limit - now
+        if remaining <= 0:
+            if on_client:
+                raise _ClientError("the client was silent too long", 408)
+            raise _AppTimeout(f"the application was silent for {limit:g} s")
+        poller.modify(client.conn, select.POLLIN if on_client else 0)
+        poller.modify(app.sock, select.POLLIN | (select.POLLOUT if app.outgoing else 0))
+        ready = dict(poller.poll(math.ceil(remaining * 1000)))
+        app_ready = ready.get(app.sock.fileno(), 0)
+        if app_ready & ~select.POLLIN and app.outgoing:
+            sent = app.write()
+            if sent is None:
+                forwarding = False
+                client.keep_alive = not client.body_unread
+            elif sent and not on_client:
+                since = time.monotonic()
+        if app_ready and app.read() and not on_client:
+            since = time.monotonic()
+        if ready.get(client.conn.fileno(), 0):
+            client.receive()
+            since = time.monotonic()
 
 
 def _pool_failed(
@@ -357,9 +469,9 @@ def _upstream_request(
 ) -> h11.Request:
     """The request to send to the app, with the headers a proxy adds and drops."""
     chunked = _header(request.headers, b"transfer-encoding") is not None
-    # Client-sent script names, Expect (this proxy answers 100 Continue
-    # itself), and what is replaced below never reach the app.
-    drop = {_SCRIPT_NAME, b"expect", b"host", b"x-forwarded-for"}
+    # Client-sent script names and path infos, Expect (this proxy answers
+    # 100 Continue itself), and what is replaced below never reach the app.
+    drop = {_SCRIPT_NAME, _PATH_INFO, b"expect", b"host", b"x-forwarded-for"}
     if chunked:
         drop.add(b"content-length")
     forwarded_for = [v for n, v in request.headers if n == b"x-forwarded-for"]
@@ -370,6 +482,8 @@ def _upstream_request(
     headers.append((b"x-forwarded-for", b", ".join(forwarded_for)))
     if script_name:
         headers.append((_SCRIPT_NAME, script_name.encode("latin-1")))
+        if not path_info:
+            headers.append((_PATH_INFO, b""))
     if chunked:
         headers.append((b"transfer-encoding", b"chunked"))
     headers.append((b"connection", b"close"))
@@ -383,12 +497,21 @@ def _upstream_request(
 
 def _end_to_end(message: h11.Request | h11.Response, drop: set[bytes]) -> _Headers:
     """The headers of `message` (names as sent) but hop-by-hop ones and `drop`."""
+    # A Connection header may name framing headers ("Connection:
+    # content-length"), though RFC 9110 forbids a sender to. Obeying it would
+    # forward a message framed otherwise than h11 read it: the body would
+    # have no length (h11 refuses to send it), or the next hop would find
+    # the message's end elsewhere than we did, which is how requests are
+    # smuggled. So those names are ignored there and the message goes on
+    # framed as it came (Transfer-Encoding and Host the caller sets anew
+    # anyway). A 400 would be as safe, but fail clients that are merely
+    # sloppy, for nothing.
     connection = {
         token.strip().lower()
         for name, value in message.headers
         if name == b"connection"
         for token in value.split(b",")
-    }
+    } - _FRAMING
     dropped = _HOP_BY_HOP | connection | drop
     return [
         (name, value)
@@ -442,13 +565,20 @@ class _Client:
             h11.SERVER, max_incomplete_event_size=options.max_header_size
         )
         self.keep_alive = True
-        """False once the request body will not be read to its end."""
+        """False once the connection must end after the current response
+        (the request body will not be read to its end, or the request was
+        suspect)."""
         self.status: int | None = None
         """Status of the response to the current request, once sent."""
         self.body_bytes = 0
         """Response body bytes sent for the current request."""
-        self._timeout = options.client_timeout
+        self.timeout = options.client_timeout
+        """Seconds the client may be silent (``client_timeout``)."""
+        self._max_head = options.max_header_size
         self._stopping = stopping
+        self._received = 0
+        """Bytes of this request cycle fed to h11 so far, counting what was
+        left over from the last one: what a complete head is measured by."""
         self._eof = False
         self._head = False
         self._poll = select.poll()
@@ -459,6 +589,11 @@ class _Client:
     def response_started(self) -> bool:
         """Whether a response head went out for the current request."""
         return self.http.our_state not in (h11.IDLE, h11.SEND_RESPONSE)
+
+    @property
+    def body_unread(self) -> bool:
+        """Whether some of the current request's body is still to be read."""
+        return self.http.their_state is h11.SEND_BODY
 
     def local_host(self) -> str:
         """A Host header for requests that came without one: our own address."""
@@ -475,15 +610,36 @@ class _Client:
             return None
         if not isinstance(event, h11.Request):
             raise RuntimeError(f"expected a request, h11 gave {event!r}")
+        # h11's max_incomplete_event_size only bounds a head still
+        # incomplete, and one recv takes up to 64 KiB: a bigger head that
+        # arrives whole must be measured here. What h11 has not consumed is
+        # the body or the next request.
+        head_size = self._received - len(self.http.trailing_data[0])
+        if head_size > self._max_head:
+            raise _ClientError(f"request head of {head_size} bytes", 431)
         self.status, self.body_bytes = None, 0
         self._head = event.method == b"HEAD"
+        if _header(event.headers, b"transfer-encoding") is not None and (
+            _header(event.headers, b"content-length") is not None
+        ):
+            # h11 goes by Transfer-Encoding, but a sender of both may be
+            # smuggling a request past a hop that goes by Content-Length:
+            # RFC 9112 section 6.1 says to close the connection after the
+            # response, so nothing after this body is taken as a request.
+            self.keep_alive = False
         return event
 
-    def next_body_event(self) -> h11.Data | h11.EndOfMessage:
-        """The next piece of the request body, saying ``100 Continue`` if asked."""
-        if self.http.they_are_waiting_for_100_continue:
+    def body_event(self) -> h11.Data | h11.EndOfMessage | None:
+        """The next piece of the request body, or None until more arrives.
+
+        Says ``100 Continue`` first if the client waits for it and no
+        response has begun.
+        """
+        if self.http.they_are_waiting_for_100_continue and not self.response_started:
             self.send(h11.InformationalResponse(status_code=100, headers=[]))
-        event = self._next_event(idle=False)
+        event = self._parse()
+        if event is None:
+            return None
         if not isinstance(event, h11.Data | h11.EndOfMessage):
             raise RuntimeError(f"expected a request body, h11 gave {event!r}")
         return event
@@ -556,6 +712,7 @@ class _Client:
             self._drain()
         if self.http.our_state is h11.DONE and self.http.their_state is h11.DONE:
             self.http.start_next_cycle()
+            self._received = len(self.http.trailing_data[0])
             return True
         return False
 
@@ -572,7 +729,7 @@ class _Client:
             self.conn.shutdown(socket.SHUT_WR)
         except OSError:
             return
-        deadline = time.monotonic() + min(_LINGER_SECONDS, self._timeout)
+        deadline = time.monotonic() + min(_LINGER_SECONDS, self.timeout)
         discarded = 0
         while discarded <= _DRAIN_LIMIT and self._wait(deadline, idle=False):
             try:
@@ -597,44 +754,70 @@ class _Client:
         """The client's next event, receiving as needed.
 
         With `idle`, None if the connection should end before a request
-        begins (silent too long, or stopping).
+        begins (silent too long, or stopping). With `idle` too, once a
+        request has begun its head must be complete within ``client_timeout``
+        of that: a time limit per recv alone would let a client that sends a
+        byte now and then hold this thread for ever.
         """
+        head_deadline: float | None = None
         while True:
-            try:
-                event = self.http.next_event()
-            except h11.RemoteProtocolError as exc:
-                # Cut off mid-message is a client going away, not bad syntax.
-                if self._eof:
-                    raise _ClientError("the client closed mid-request") from exc
-                raise _ClientError(
-                    f"malformed request: {exc}", exc.error_status_hint
-                ) from exc
-            if isinstance(event, h11.Event):
+            event = self._parse()
+            if event is not None:
                 return event
-            if event is h11.PAUSED:
-                raise RuntimeError("h11 paused: read past the end of a request")
             waiting = idle and not self._request_begun()
-            if not self._receive(idle=waiting):
+            if idle and not waiting and head_deadline is None:
+                head_deadline = time.monotonic() + self.timeout
+            if not self._receive(idle=waiting, deadline=head_deadline):
                 return None
+
+    def _parse(self) -> h11.Event | None:
+        """The next event h11 makes of what has arrived; None if none yet."""
+        try:
+            event = self.http.next_event()
+        except h11.RemoteProtocolError as exc:
+            # Cut off mid-message is a client going away, not bad syntax.
+            if self._eof:
+                raise _ClientError("the client closed mid-request") from exc
+            raise _ClientError(
+                f"malformed request: {exc}", exc.error_status_hint
+            ) from exc
+        if isinstance(event, h11.Event):
+            return event
+        if event is h11.PAUSED:
+            raise RuntimeError("h11 paused: read past the end of a request")
+        return None
 
     def _request_begun(self) -> bool:
         """Whether any byte of the next request has arrived."""
         return self.http.their_state is not h11.IDLE or bool(self.http.trailing_data[0])
 
-    def _receive(self, *, idle: bool) -> bool:
-        """Feed h11 the client's next bytes; False if it should end instead."""
-        deadline = time.monotonic() + self._timeout
-        if not self._wait(deadline, idle=idle):
+    def _receive(self, *, idle: bool, deadline: float | None = None) -> bool:
+        """Feed h11 the client's next bytes; False if it should end instead.
+
+        The wait ends ``client_timeout`` from now, or at `deadline` if that
+        comes first.
+        """
+        until = time.monotonic() + self.timeout
+        if deadline is not None and deadline < until:
+            until = deadline
+        if not self._wait(until, idle=idle):
             if idle:
                 return False
+            if until == deadline:
+                raise _ClientError("the client was too slow sending a request", 408)
             raise _ClientError("the client was silent too long", 408)
+        self.receive()
+        return True
+
+    def receive(self) -> None:
+        """Feed h11 what the client sent: call when its socket is readable."""
         try:
             data = self.conn.recv(_RECV_SIZE)
         except OSError as exc:
             raise _ClientError(f"receiving from the client failed: {exc}") from exc
         self._eof = not data
+        self._received += len(data)
         self.http.receive_data(data)
-        return True
 
     def _wait(self, deadline: float, *, idle: bool) -> bool:
         """Wait until the client sent something; False at `deadline`.
@@ -656,62 +839,66 @@ class _Client:
 
 
 class _App:
-    """The h11 client side of a session's connection to an app process."""
+    """The h11 client side of a session's connection to an app process.
 
-    def __init__(
-        self, sock: socket.socket, before_wait: Callable[[], None] = lambda: None
-    ) -> None:
+    Its socket is made non-blocking: :func:`_exchange` polls it and moves
+    what it can each way, so that a slow or hung app never blocks a send
+    or receive (and its thread) for longer than ``app_timeout``.
+    """
+
+    def __init__(self, sock: socket.socket) -> None:
+        sock.setblocking(False)
         self.sock = sock
         self.http = h11.Connection(
             h11.CLIENT, max_incomplete_event_size=_APP_MAX_HEAD_SIZE
         )
-        self._before_wait = before_wait
+        self.outgoing = bytearray()
+        """Bytes for the app that its socket has not taken yet."""
 
     def send(self, event: h11.Event) -> None:
-        """Send `event` to the app; :class:`_AppError` if that fails."""
+        """Queue `event` for the app; :meth:`write` sends it."""
         data = self.http.send(event)
         if data:
-            try:
-                self.sock.sendall(data)
-            except OSError as exc:
-                raise _AppError(f"sending to the application failed: {exc}") from exc
+            self.outgoing += data
 
-    def next_response(self) -> h11.Response:
-        """The app's response head, past any interim (1xx) responses."""
-        while True:
-            event = self._next_event()
-            if isinstance(event, h11.Response):
-                return event
-            if not isinstance(event, h11.InformationalResponse):
-                raise _AppError(f"expected a response, h11 gave {event!r}")
+    def write(self) -> int | None:
+        """Send what the socket takes of :attr:`outgoing`: the byte count,
+        or None if the app no longer takes any (what is left is dropped)."""
+        try:
+            sent = self.sock.send(self.outgoing)
+        except BlockingIOError:
+            return 0
+        except OSError as exc:
+            logger.debug("sending the request stopped: %s", exc)
+            self.outgoing.clear()
+            return None
+        del self.outgoing[:sent]
+        return sent
 
-    def body(self) -> Iterator[bytes]:
-        """The response body, a piece at a time as it arrives."""
-        while True:
-            event = self._next_event()
-            if isinstance(event, h11.EndOfMessage):
-                return
-            if isinstance(event, h11.Data):
-                yield event.data
+    def read(self) -> bool:
+        """Feed h11 what the app sent, if anything; whether anything came
+        (end of file included)."""
+        try:
+            data = self.sock.recv(_RECV_SIZE)
+        except BlockingIOError:
+            return False
+        except OSError as exc:
+            raise _AppError(f"receiving from the application failed: {exc}") from exc
+        self.http.receive_data(data)
+        return True
 
-    def _next_event(self) -> h11.Event:
-        """The app's next event, receiving as needed."""
+    def events(self) -> Iterator[h11.Event]:
+        """The app's events that what has arrived makes, in order."""
         while True:
             try:
                 event = self.http.next_event()
             except h11.RemoteProtocolError as exc:
                 raise _AppError(f"the application broke HTTP: {exc}") from exc
+            if event is h11.NEED_DATA:
+                return
             if isinstance(event, h11.ConnectionClosed):
                 raise _AppError("the application closed the connection")
-            if isinstance(event, h11.Event):
-                return event
             if event is h11.PAUSED:
                 raise _AppError("h11 paused: read past the end of the response")
-            self._before_wait()
-            try:
-                data = self.sock.recv(_RECV_SIZE)
-            except OSError as exc:
-                raise _AppError(
-                    f"receiving from the application failed: {exc}"
-                ) from exc
-            self.http.receive_data(data)
+            assert isinstance(event, h11.Event)
+            yield event

@@ -73,6 +73,11 @@ _SCRIPT_NAME_VARIABLE = "HTTP_X_ACTORPOOL_SCRIPT_NAME"
 (:data:`actorpool.frontend.proxy.SCRIPT_NAME_HEADER`) sets to the prefix the
 app is mounted at, %-encoded like the path. It becomes ``SCRIPT_NAME``; the
 proxy removes any a client sent, so the worker can trust it."""
+_PATH_INFO_VARIABLE = "HTTP_X_ACTORPOOL_PATH_INFO"
+"""The environ key of the header (:data:`actorpool.frontend.proxy.PATH_INFO_HEADER`)
+that, when present, is ``PATH_INFO`` (%-encoded) in place of the target's
+path. The proxy sends it, empty, for a request for the bare prefix, whose
+target cannot be empty. Trusted for the same reason."""
 
 _UNPREFIXED_HEADERS = {
     b"content-type": "CONTENT_TYPE",
@@ -262,6 +267,9 @@ def _environ(
     script_name = environ.pop(_SCRIPT_NAME_VARIABLE, None)
     if script_name is not None:
         environ["SCRIPT_NAME"] = _unquote(script_name.encode("latin-1"))
+    path_info = environ.pop(_PATH_INFO_VARIABLE, None)
+    if path_info is not None:
+        path = path_info.encode("latin-1")
     name, port = _server_address(environ.get("HTTP_HOST"), server_name)
     environ.update(
         {
