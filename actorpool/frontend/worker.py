@@ -2,9 +2,11 @@
 
 Forked by the master, it connects to the pool server (and lets go of the
 connect channel, as the seed's children do), then accepts HTTP clients on
-the shared listening socket, each served on a thread of its own by
+its own listening socket (one per worker, bound with ``SO_REUSEPORT``; see
+``master._listeners``), each served on a thread of its own by
 :func:`~actorpool.frontend.proxy.serve_client`. A worker with every thread
-busy stops accepting, leaving new clients to its siblings.
+busy stops accepting: the kernel has already chosen it for the clients in
+its socket's queue, so they wait for one of its threads, not a sibling's.
 
 SIGTERM or SIGINT: stop accepting, let the requests in progress finish
 within the grace period, exit 0.
