@@ -29,6 +29,7 @@ import pytest
 from actorpool import ApplicationPoolServer, PoolConfig, Session, SpawnError
 from actorpool.spawner import Instance, Spawner, SpawnRequest
 from actorpool.spawners import DirectSpawner, SmartSpawner
+from actorpool.spawners.smart import _Preloader
 
 pytestmark = pytest.mark.slow
 
@@ -529,6 +530,19 @@ def smart(tmp_path: Path) -> Iterator[tuple[SmartSpawner, str]]:
     assert not closing.is_alive(), "SmartSpawner.close() hangs"
 
 
+def first_spawn(
+    spawner: SmartSpawner, socket_dir: str, tmp_path: Path
+) -> tuple[str, list[Instance], _Preloader, int]:
+    """Spawn a first worker of a new app: the app, [the worker], its
+    preloader and the preloader's pid."""
+    app = write_app(tmp_path / "app")
+    instances = [spawner.spawn(SpawnRequest(1, app, socket_dir, 30.0, me()))]
+    assert spawner._live is not None
+    preloader = spawner._live.preloaders[app]
+    assert preloader._process is not None
+    return app, instances, preloader, preloader._process.pid
+
+
 def test_a_preloader_that_does_not_fork_in_time_is_replaced(
     smart: tuple[SmartSpawner, str], tmp_path: Path, wait_until: Callable[..., None]
 ) -> None:
@@ -540,13 +554,9 @@ def test_a_preloader_that_does_not_fork_in_time_is_replaced(
     of the app (and close()).
     """
     spawner, socket_dir = smart
-    app = write_app(tmp_path / "app")
-    instances = [spawner.spawn(SpawnRequest(1, app, socket_dir, 30.0, me()))]
+    app, instances, stuck, stuck_pid = first_spawn(spawner, socket_dir, tmp_path)
     live = spawner._live
     assert live is not None
-    stuck = live.preloaders[app]
-    assert stuck._process is not None
-    stuck_pid = stuck._process.pid
     os.kill(stuck_pid, signal.SIGSTOP)  # stuck: it is sent the request, never answers
     try:
         spawning = Spawning(spawner, SpawnRequest(2, app, socket_dir, 0.5, me()))
@@ -616,13 +626,7 @@ def test_a_restart_does_not_wait_for_a_fork_under_way_and_lets_it_finish(
     for a fork (before, it waited on the fork's lock, as long as the spawn
     timeout), and the fork under way still gets its worker."""
     spawner, socket_dir = smart
-    app = write_app(tmp_path / "app")
-    instances = [spawner.spawn(SpawnRequest(1, app, socket_dir, 30.0, me()))]
-    live = spawner._live
-    assert live is not None
-    preloader = live.preloaders[app]
-    assert preloader._process is not None
-    pid = preloader._process.pid
+    app, instances, preloader, pid = first_spawn(spawner, socket_dir, tmp_path)
     os.kill(pid, signal.SIGSTOP)  # the fork we ask for waits until SIGCONT
     try:
         spawning = Spawning(spawner, SpawnRequest(2, app, socket_dir, 30.0, me()))
