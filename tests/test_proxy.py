@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import errno
 import hashlib
 import http.client
 import io
@@ -26,12 +27,14 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+import h11
 import pytest
 from test_spawners import me, write_app
 from test_wsgi import recv_all, recv_head
 
 from actorpool import ApplicationPool, ApplicationPoolServer
 from actorpool.errors import ConfigError
+from actorpool.frontend import proxy as proxy_module
 from actorpool.frontend.proxy import ProxyOptions, serve_client
 from actorpool.frontend.routes import Router, parse_route
 from actorpool.spawners import DirectSpawner
@@ -787,7 +790,7 @@ def test_an_app_that_dies_mid_response_drops_the_client(
 def test_an_app_that_hangs_before_answering_gives_504(
     front: StartFront, app: str, caplog: pytest.LogCaptureFixture
 ) -> None:
-    proxy = front([app], ProxyOptions(app_timeout=0.5))
+    proxy = front([app], ProxyOptions(app_timeout=2.0))
     status, _, body = proxy.get("/hang")
     assert status == 504
     assert b"in time" in body
@@ -806,7 +809,7 @@ def test_an_app_that_hangs_before_answering_gives_504(
 def test_an_app_that_hangs_mid_response_drops_the_client(
     front: StartFront, app: str, caplog: pytest.LogCaptureFixture
 ) -> None:
-    proxy = front([app], ProxyOptions(app_timeout=0.5))
+    proxy = front([app], ProxyOptions(app_timeout=2.0))
     with proxy.connect() as conn:
         conn.request("GET", "/hang-midway")
         response = conn.getresponse()
@@ -1012,3 +1015,143 @@ def test_proxy_options_are_checked() -> None:
         with pytest.raises(ConfigError):
             ProxyOptions(**bad)
     assert ProxyOptions(get_timeout=0).get_timeout == 0
+
+
+# --- the relay loop alone, against socket pairs -----------------------------------
+
+
+RelayRig = tuple[
+    proxy_module._Client, h11.Request, socket.socket, socket.socket, socket.socket
+]
+
+
+@pytest.fixture
+def relay_rig() -> Iterator[Callable[[bytes, ProxyOptions], RelayRig]]:
+    """Make a client connection holding a request, parsed; give back the far
+    ends of the client's and of an app's socket pair, and the proxy's end of
+    the app's. Every socket is closed after the test."""
+    sockets: list[socket.socket] = []
+
+    def make(request: bytes, options: ProxyOptions) -> RelayRig:
+        proxy_side, client_side = socket.socketpair()
+        to_app, app_side = socket.socketpair()
+        sockets.extend((proxy_side, client_side, to_app, app_side))
+        proxy_side.settimeout(options.client_timeout)  # as serve_client does
+        client_side.sendall(request)
+        client = proxy_module._Client(proxy_side, options, threading.Event())
+        parsed = client.next_request()
+        assert parsed is not None
+        return client, parsed, client_side, app_side, to_app
+
+    yield make
+    for sock in sockets:
+        sock.close()
+
+
+def answer(app_side: socket.socket, body: bytes) -> None:
+    """Read a request head on ``app_side``, answer it with ``body``."""
+    with app_side.makefile("rb") as lines:
+        while lines.readline() not in (b"\r\n", b""):
+            pass
+    app_side.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % len(body))
+    app_side.sendall(body)
+
+
+def test_a_very_long_app_timeout_is_waited_in_pieces(
+    relay_rig: Callable[[bytes, ProxyOptions], RelayRig],
+) -> None:
+    # poll() takes at most 2**31 - 1 ms (24.8 days): a longer timeout raised
+    # OverflowError on every request.
+    options = ProxyOptions(app_timeout=3e6)
+    client, request, client_side, app_side, to_app = relay_rig(
+        b"GET / HTTP/1.1\r\nHost: x\r\n\r\n", options
+    )
+    app = threading.Thread(target=answer, args=(app_side, b"ok"))
+    app.start()
+    proxy_module._exchange(client, proxy_module._App(to_app), request, 3e6)
+    app.join(10)
+    assert recv_head(client_side).startswith(b"HTTP/1.1 200")
+    assert proxy_module._poll_ms(3e6) == 2**31 - 1
+
+
+def test_time_blocked_on_a_slow_client_is_not_the_apps(
+    relay_rig: Callable[[bytes, ProxyOptions], RelayRig],
+) -> None:
+    # The app has the whole response ready; the client reads none of it for
+    # longer than app_timeout. The proxy is stuck sending to the client,
+    # not waiting for the app, which must not be taken for hung.
+    options = ProxyOptions(app_timeout=0.3, client_timeout=30)
+    client, request, client_side, app_side, to_app = relay_rig(
+        b"GET / HTTP/1.1\r\nHost: x\r\n\r\n", options
+    )
+    body = b"x" * (8 << 20)  # far more than the socket buffers hold
+    app = threading.Thread(target=answer, args=(app_side, body), daemon=True)
+    app.start()
+    received = bytearray()
+
+    def slow_reader() -> None:
+        for _ in range(3):  # three stalls of twice app_timeout, then read on
+            threading.Event().wait(0.6)  # the slowness is the point here
+            received.extend(client_side.recv(65536))
+        while data := client_side.recv(1 << 20):
+            received.extend(data)
+
+    reader = threading.Thread(target=slow_reader, daemon=True)
+    reader.start()
+    proxy_module._exchange(client, proxy_module._App(to_app), request, 0.3)
+    client.conn.shutdown(socket.SHUT_WR)  # the end, for the reader
+    reader.join(10)
+    assert received.endswith(body)
+
+
+class _ClosedAfterTwoSends:
+    """An app socket that takes the request head and first chunk, then has
+    answered and gone: its third send fails with EPIPE."""
+
+    def __init__(self, response: bytes) -> None:
+        self.real, self.peer = socket.socketpair()
+        self.peer.sendall(response)
+        self.sends = 0
+
+    def close(self) -> None:
+        self.real.close()
+        self.peer.close()
+
+    def setblocking(self, flag: bool) -> None:
+        self.real.setblocking(flag)
+
+    def fileno(self) -> int:
+        return self.real.fileno()
+
+    def send(self, data: bytes) -> int:
+        self.sends += 1
+        if self.sends >= 3:
+            raise BrokenPipeError(errno.EPIPE, "Broken pipe")
+        return len(data)
+
+    def recv(self, size: int) -> bytes:
+        return self.real.recv(size)
+
+
+def test_an_app_gone_mid_upload_does_not_undo_a_close_the_request_needs(
+    relay_rig: Callable[[bytes, ProxyOptions], RelayRig],
+) -> None:
+    # Content-Length and Transfer-Encoding both: the connection must close
+    # after the response (RFC 9112 6.1). The app stopping taking the body
+    # once it was all read set keep-alive back to True, and the request
+    # smuggled after the body was served.
+    options = ProxyOptions()
+    client, request, client_side, _, _ = relay_rig(
+        b"POST /x HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n"
+        b"Transfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n"
+        b"GET /smuggled HTTP/1.1\r\nHost: x\r\n\r\n",
+        options,
+    )
+    assert client.keep_alive is False
+    app_socket = _ClosedAfterTwoSends(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+    app = proxy_module._App(app_socket)  # type: ignore[arg-type]
+    proxy_module._exchange(client, app, request, 5.0)
+    app_socket.close()
+    assert app_socket.sends == 3  # the case: the app refused a write
+    assert client.keep_alive is False
+    assert b"connection: close" in recv_head(client_side).lower()

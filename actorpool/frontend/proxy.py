@@ -75,6 +75,8 @@ clients, and big cookies are common."""
 _STOP_CHECK_INTERVAL = 0.25
 """Seconds between looks at ``stopping`` while a connection waits for a
 request: a threading.Event cannot be waited on together with a socket."""
+_MAX_POLL_MS = 2**31 - 1
+"""The longest ``poll()`` wait, in milliseconds (a C int)."""
 _DRAIN_LIMIT = 1024 * 1024
 """Unread request body discarded to keep a connection alive (or while
 closing it); a longer leftover closes the connection instead."""
@@ -344,7 +346,7 @@ def _exchange(
                 sent = app.write()
                 if sent is None:  # the app takes no more
                     forwarding = False
-                    client.keep_alive = not client.body_unread
+                    _no_keep_alive_if_unread(client)
                     break
                 if app.outgoing:
                     break
@@ -355,9 +357,10 @@ def _exchange(
                 forwarding = False
                 app.send(h11.EndOfMessage())
                 if app.outgoing and app.write() is None:
-                    client.keep_alive = not client.body_unread
+                    _no_keep_alive_if_unread(client)
             else:
                 app.send(h11.Data(data=event.data))
+        writing_since = time.monotonic()
         for answer in app.events():
             if isinstance(answer, h11.Response):
                 if client.body_unread:
@@ -382,6 +385,10 @@ def _exchange(
         now = time.monotonic()
         if on_client is not waiting_for_client:
             waiting_for_client, since = on_client, now
+        elif not on_client:
+            # Time spent blocked writing to a slow client is not the app's:
+            # a healthy app must not be taken for hung because of it.
+            since += now - writing_since
         limit = client.timeout if on_client else app_timeout
         remaining = since + limit - now
         if remaining <= 0:
@@ -390,13 +397,13 @@ def _exchange(
             raise _AppTimeout(f"the application was silent for {limit:g} s")
         poller.modify(client.conn, select.POLLIN if on_client else 0)
         poller.modify(app.sock, select.POLLIN | (select.POLLOUT if app.outgoing else 0))
-        ready = dict(poller.poll(math.ceil(remaining * 1000)))
+        ready = dict(poller.poll(_poll_ms(remaining)))
         app_ready = ready.get(app.sock.fileno(), 0)
         if app_ready & ~select.POLLIN and app.outgoing:
             sent = app.write()
             if sent is None:
                 forwarding = False
-                client.keep_alive = not client.body_unread
+                _no_keep_alive_if_unread(client)
             elif sent and not on_client:
                 since = time.monotonic()
         if app_ready and app.read() and not on_client:
@@ -404,6 +411,20 @@ def _exchange(
         if ready.get(client.conn.fileno(), 0):
             client.receive()
             since = time.monotonic()
+
+
+def _no_keep_alive_if_unread(client: _Client) -> None:
+    """The app takes no more of the body: what is left of it must not be
+    read as the next request. (Only ever to False: a request may have made
+    the connection end after its response already.)"""
+    if client.body_unread:
+        client.keep_alive = False
+
+
+def _poll_ms(seconds: float) -> int:
+    """A ``poll()`` timeout for ``seconds``, at most what poll takes (about
+    24.8 days; a caller whose deadline is later polls again)."""
+    return min(math.ceil(seconds * 1000), _MAX_POLL_MS)
 
 
 def _pool_failed(
@@ -832,7 +853,7 @@ class _Client:
                 remaining = 0.0
             elif idle:
                 remaining = min(remaining, _STOP_CHECK_INTERVAL)
-            if self._poll.poll(math.ceil(remaining * 1000)):
+            if self._poll.poll(_poll_ms(remaining)):
                 return True
             if stop or time.monotonic() >= deadline:
                 return False
