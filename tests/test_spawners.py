@@ -19,16 +19,19 @@ import sys
 import termios
 import textwrap
 import threading
+import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+import msgpack
 import pytest
 
 from actorpool import ApplicationPoolServer, PoolConfig, Session, SpawnError
 from actorpool.spawner import Instance, Spawner, SpawnRequest
 from actorpool.spawners import DirectSpawner, SmartSpawner
+from actorpool.spawners import smart as smart_module
 from actorpool.spawners.smart import _Preloader
 
 pytestmark = pytest.mark.slow
@@ -617,6 +620,81 @@ def test_a_spawn_waiting_for_a_preloader_that_is_stopped_fails_at_once(
     with pytest.raises(SpawnError, match=r"was stopped \(the spawner closed\)"):
         second.result(timeout=5)
     wait_until(lambda: not processes_in(tmp_path), timeout=5, what="preloaders gone")
+
+
+def test_a_preloader_whose_fork_timed_out_takes_no_other_fork(
+    smart: tuple[SmartSpawner, str],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Between a timed-out fork letting go of the fork lock and stopping the
+    preloader, another spawn could send a request of its own and take the
+    late answer to the first for its own worker. Here that gap is held open
+    (stop() does nothing) to show no second request is sent."""
+    spawner, socket_dir = smart
+    _, instances, stuck, pid = first_spawn(spawner, socket_dir, tmp_path)
+    asked_to_stop: list[object] = []
+    monkeypatch.setattr(stuck, "stop", lambda **why: asked_to_stop.append(why))
+    os.kill(pid, signal.SIGSTOP)  # takes requests into its buffer, answers none
+    try:
+        with pytest.raises(SpawnError, match="did not fork in time"):
+            stuck.fork(os.path.join(socket_dir, "a.sock"), time.monotonic() + 0.2)
+        assert asked_to_stop
+        sent = unread(stuck._control)
+        assert sent > 0  # the first request, never read
+        assert not stuck.usable(me())
+        with pytest.raises(SpawnError, match="did not fork in time"):
+            stuck.fork(os.path.join(socket_dir, "b.sock"), time.monotonic() + 0.2)
+        assert unread(stuck._control) == sent  # no second request
+    finally:
+        os.kill(pid, signal.SIGKILL)
+        for instance in instances:
+            instance.stop()
+            instance.wait()
+
+
+@pytest.mark.parametrize(
+    "garbage",
+    [b"\xc1", msgpack.packb(["spawned"]), msgpack.packb(["spawned", "12"])],
+    ids=["not-msgpack", "no-pid", "pid-not-an-int"],
+)
+def test_a_preloader_that_answers_garbage_fails_the_spawn_and_is_replaced(
+    smart: tuple[SmartSpawner, str],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    garbage: bytes,
+) -> None:
+    spawner, socket_dir = smart
+    app, instances, preloader, pid = first_spawn(spawner, socket_dir, tmp_path)
+    # The preloader's end answers nothing (stopped); this stands in for it.
+    os.kill(pid, signal.SIGSTOP)
+    reading = preloader._control.fileno()
+    real_read = smart_module.read_message
+
+    def answered_with_garbage(fd: int, deadline: float, unpacker: Any = None) -> Any:
+        if fd == reading:
+            fresh = msgpack.Unpacker(raw=False)
+            fresh.feed(garbage)
+            monkeypatch.setattr(preloader, "_unpacker", fresh)
+            return real_read(fd, deadline, fresh)
+        return real_read(fd, deadline, unpacker)
+
+    monkeypatch.setattr(smart_module, "read_message", answered_with_garbage)
+    try:
+        with pytest.raises(SpawnError, match=r"sent garbage|answered"):
+            preloader.fork(os.path.join(socket_dir, "a.sock"), time.monotonic() + 5)
+        assert not preloader.usable(me())
+        monkeypatch.undo()
+        os.kill(pid, signal.SIGCONT)
+        instances.append(spawner.spawn(SpawnRequest(2, app, socket_dir, 30.0, me())))
+        assert spawner._live is not None
+        assert spawner._live.preloaders[app] is not preloader
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGCONT)
+        for instance in instances:
+            instance.stop()
+            instance.wait()
 
 
 def test_a_restart_does_not_wait_for_a_fork_under_way_and_lets_it_finish(

@@ -197,6 +197,14 @@ class _Live:
         self.preloaders: dict[str, _Preloader] = {}
 
 
+def _is_fork_reply(reply: list[Any]) -> bool:
+    """Whether a preloader's reply to ``spawn`` is one it sends."""
+    if reply[0] == "spawned":
+        return len(reply) == 2 and type(reply[1]) is int and reply[1] > 0
+    # ["error", text, traceback]: the fork failed, the preloader is fine
+    return reply[0] == "error" and len(reply) == 3 and isinstance(reply[1], str)
+
+
 class _Preloader:
     """One running preloader process and the control socket to it.
 
@@ -227,6 +235,9 @@ class _Preloader:
         self._why = ""
         """How stop() was told to stop it, for the spawns that fail."""
         self._fork_under_way = False
+        self._broken = ""
+        """Why no more forks may be asked of it (a fork timed out, or got
+        garbage back), set before the fork lock is let go."""
         self._last_used = time.monotonic()
         self._timer: threading.Timer | None = None
         self._loader: threading.Thread | None = None
@@ -291,6 +302,7 @@ class _Preloader:
             and self._error is None
             # Stopped but not yet exited (the reaper gives it a second).
             and not self._stopped
+            and not self._broken
         )
 
     def touch(self) -> None:
@@ -330,37 +342,49 @@ class _Preloader:
                 f"the preloader of {self.app_root} did not fork in time "
                 "(busy with another spawn)"
             )
-        timed_out = False
+        broken = ""  # why this preloader can be trusted with no more forks
         reply: list[Any] | None = None
         try:
             with self._state:
                 if self._stopped:
                     raise SpawnError(self._stopped_text())
+                if self._broken:
+                    raise SpawnError(f"the preloader of {self.app_root} {self._broken}")
                 self._fork_under_way = True
                 self._last_used = time.monotonic()
             try:
                 write_message(self._control.fileno(), ["spawn", address])
                 reply = read_message(self._control.fileno(), deadline, self._unpacker)
             except TimeoutError:
-                timed_out = True
+                broken = "did not fork in time"
+            except SpawnError as exc:  # not msgpack, or not a list
+                broken = f"sent garbage ({exc})"
             except OSError as exc:
                 if self._stopped:  # killed under us
                     raise SpawnError(self._stopped_text()) from None
                 raise SpawnError(
                     f"the preloader of {self.app_root} is gone: {exc}"
                 ) from exc
+            else:
+                if reply is not None and not _is_fork_reply(reply):
+                    broken = f"answered {reply!r:.100}"
         finally:
             with self._state:
                 self._fork_under_way = False
                 self._last_used = time.monotonic()
+                # Marked before the fork lock is let go: a spawn waiting for
+                # it must not send a request of its own and read this one's
+                # late answer as its own.
+                if broken:
+                    self._broken = broken
                 if self._stopped:  # stop() left the shutdown to us
                     self._shutdown()
             self._forking.release()
-        if timed_out:
-            # Stuck: a fresh one serves the next spawn. Stopped only once the
-            # fork lock is let go, as the reaper stop() starts takes it.
-            self.stop()
-            raise SpawnError(f"the preloader of {self.app_root} did not fork in time")
+        if broken:
+            # A fresh one serves the next spawn. Stopped only once the fork
+            # lock is let go, as the reaper stop() starts takes it.
+            self.stop(why=broken)
+            raise SpawnError(f"the preloader of {self.app_root} {broken}")
         if reply is None:
             if self._stopped:
                 raise SpawnError(self._stopped_text())
@@ -368,10 +392,8 @@ class _Preloader:
                 f"the preloader of {self.app_root} exited",
                 output=self._output.tail(wait=KILLED_OUTPUT_WAIT),
             )
-        if reply[0] != "spawned":
-            raise SpawnError(
-                f"{self.app_root}: {reply[1] if len(reply) > 1 else reply}"
-            )
+        if reply[0] == "error":  # the fork failed; the preloader is fine
+            raise SpawnError(f"{self.app_root}: {reply[1]}")
         return int(reply[1])
 
     def stop(self, *, kill: bool = False, why: str = "") -> None:
