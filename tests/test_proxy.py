@@ -1155,3 +1155,35 @@ def test_an_app_gone_mid_upload_does_not_undo_a_close_the_request_needs(
     assert app_socket.sends == 3  # the case: the app refused a write
     assert client.keep_alive is False
     assert b"connection: close" in recv_head(client_side).lower()
+
+
+def test_a_client_gone_while_the_app_is_quiet_ends_the_relay_at_once(
+    relay_rig: Callable[[bytes, ProxyOptions], RelayRig],
+) -> None:
+    # The app sends a head and part of the body, then nothing (long polling,
+    # say); the client reads that much and closes. poll() reports the
+    # hang-up even when only the app is asked about: taking it as data, the
+    # relay polled again at once, for ever, and the app's timer never ran.
+    options = ProxyOptions(app_timeout=30)
+    client, request, client_side, app_side, to_app = relay_rig(
+        b"GET / HTTP/1.1\r\nHost: x\r\n\r\n", options
+    )
+    app_side.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nab")
+    outcome: list[BaseException | None] = []
+
+    def relay() -> None:
+        try:
+            proxy_module._exchange(client, proxy_module._App(to_app), request, 30)
+            outcome.append(None)
+        except BaseException as exc:  # reported to the test
+            outcome.append(exc)
+
+    relaying = threading.Thread(target=relay, daemon=True)
+    relaying.start()
+    recv_head(client_side)
+    assert client_side.recv(2) == b"ab"
+    client_side.close()
+    relaying.join(10)
+    assert not relaying.is_alive(), "the relay spins on a client that is gone"
+    [error] = outcome
+    assert isinstance(error, proxy_module._Abort)

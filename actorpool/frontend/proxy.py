@@ -408,9 +408,16 @@ def _exchange(
                 since = time.monotonic()
         if app_ready and app.read() and not on_client:
             since = time.monotonic()
-        if ready.get(client.conn.fileno(), 0):
+        client_ready = ready.get(client.conn.fileno(), 0)
+        if client_ready and on_client:
             client.receive()
             since = time.monotonic()
+        elif client_ready:
+            # Not asked for (we wait on the app): poll reports an error or a
+            # hang-up regardless. The client is gone and will stay gone;
+            # going on would poll again at once, for ever, and the app's
+            # timer would never run out.
+            raise _Abort("the client went away while the app was answering")
 
 
 def _no_keep_alive_if_unread(client: _Client) -> None:
