@@ -32,6 +32,7 @@ from actorpool import ApplicationPoolServer, PoolConfig, Session, SpawnError
 from actorpool.spawner import Instance, Spawner, SpawnRequest
 from actorpool.spawners import DirectSpawner, SmartSpawner
 from actorpool.spawners import smart as smart_module
+from actorpool.spawners.direct import socket_path
 from actorpool.spawners.smart import _Preloader
 
 pytestmark = pytest.mark.slow
@@ -565,9 +566,14 @@ def test_a_preloader_that_does_not_fork_in_time_is_replaced(
         spawning = Spawning(spawner, SpawnRequest(2, app, socket_dir, 0.5, me()))
         with pytest.raises(SpawnError, match="did not fork in time"):
             spawning.result(timeout=10)
+        # Were it only slow and still alive, it would read the request now and
+        # fork a worker nobody tracks: it must be dead already.
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(stuck_pid, signal.SIGCONT)
+        wait_until(lambda: not alive(stuck_pid), timeout=5, what="the stuck one killed")
+        assert not os.path.exists(socket_path(live.dirs.for_user(stuck.user), 2))
         instances.append(spawner.spawn(SpawnRequest(3, app, socket_dir, 30.0, me())))
         assert live.preloaders[app] is not stuck
-        wait_until(lambda: not alive(stuck_pid), timeout=5, what="the stuck one killed")
     finally:
         with contextlib.suppress(ProcessLookupError):
             os.kill(stuck_pid, signal.SIGKILL)

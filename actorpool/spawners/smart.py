@@ -350,6 +350,13 @@ class _Preloader:
                     raise SpawnError(self._stopped_text())
                 if self._broken:
                     raise SpawnError(f"the preloader of {self.app_root} {self._broken}")
+                if deadline <= time.monotonic():
+                    # Used up waiting for the lock: a request sent now would
+                    # time out at once and be answered to nobody.
+                    raise SpawnError(
+                        f"the preloader of {self.app_root} did not fork in time "
+                        "(busy with another spawn)"
+                    )
                 self._fork_under_way = True
                 self._last_used = time.monotonic()
             try:
@@ -362,9 +369,11 @@ class _Preloader:
             except OSError as exc:
                 if self._stopped:  # killed under us
                     raise SpawnError(self._stopped_text()) from None
-                raise SpawnError(
-                    f"the preloader of {self.app_root} is gone: {exc}"
-                ) from exc
+                broken = f"is gone ({exc})"
+            except Exception as exc:
+                # Whatever it was, a request may be left unanswered on the
+                # socket: the next fork must not read its answer.
+                broken = f"failed ({exc!r})"
             else:
                 if reply is not None and not _is_fork_reply(reply):
                     broken = f"answered {reply!r:.100}"
@@ -381,9 +390,11 @@ class _Preloader:
                     self._shutdown()
             self._forking.release()
         if broken:
-            # A fresh one serves the next spawn. Stopped only once the fork
-            # lock is let go, as the reaper stop() starts takes it.
-            self.stop(why=broken)
+            # A fresh one serves the next spawn. Killed, not let go: a slow
+            # one would still read the request and fork a worker nobody
+            # tracks. Only once the fork lock is let go, as the reaper that
+            # stop() starts takes it.
+            self.stop(kill=True, why=broken)
             raise SpawnError(f"the preloader of {self.app_root} {broken}")
         if reply is None:
             if self._stopped:
