@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
+import math
 import os
 import pickle
 import select
@@ -234,12 +235,15 @@ class ApplicationPoolServer:
 def _read_status(stdout: IO[bytes], deadline: float) -> bytes:
     chunks: list[bytes] = []
     fd = stdout.fileno()
+    # poll, not select: the creator may well hold descriptors numbered past
+    # select()'s 1024 (a busy web server does).
+    poller = select.poll()
+    poller.register(fd, select.POLLIN)
     while True:
         remaining = deadline - time.monotonic()
         if remaining <= 0:
             raise ActorPoolError("the pool server did not start in time")
-        ready, _, _ = select.select([fd], [], [], remaining)
-        if not ready:
+        if not poller.poll(min(math.ceil(remaining * 1000), 2**31 - 1)):
             continue
         chunk = os.read(fd, 4096)
         if not chunk:

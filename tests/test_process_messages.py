@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+import resource
 import threading
 import time
 from collections.abc import Iterator
@@ -72,3 +73,23 @@ def _write_all(fd: int, data: bytes) -> None:
     with contextlib.suppress(OSError):  # the reader has given up
         while data:
             data = data[os.write(fd, data) :]
+
+
+@pytest.fixture
+def high_fd(pipe: tuple[int, int]) -> Iterator[tuple[int, int]]:
+    """The pipe's read end again, as descriptor 1500: past select()'s 1024,
+    where a server with many clients finds itself."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and hard <= 1500:
+        pytest.skip("cannot open descriptor 1500 here")
+    resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, 2048), hard))
+    high = os.dup2(pipe[0], 1500)
+    yield high, pipe[1]
+    os.close(high)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+
+def test_a_descriptor_past_1024_is_read(high_fd: tuple[int, int]) -> None:
+    read_end, write_end = high_fd
+    os.write(write_end, msgpack.packb(["ready", 7]))
+    assert read_message(read_end, time.monotonic() + 5) == ["ready", 7]

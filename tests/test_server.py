@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import random
+import resource
 import signal
 import socket
 import subprocess
@@ -665,3 +666,26 @@ def test_closing_an_inherited_pool_in_a_child_leaves_the_parents_alone(
     assert os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]) == 0
     with pool.get(app) as session:
         assert greeting(session) == (app, session.pid)
+
+
+def test_a_creator_holding_many_descriptors_can_start_a_server(
+    spawner: FakeSpawner, make_app: Callable[[str], str]
+) -> None:
+    # A busy web server holds more than 1024 descriptors; select() refuses
+    # to wait on one numbered past that, and starting the server used it.
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and hard < 2048:
+        pytest.skip("cannot hold 1100 descriptors here")
+    resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, 2048), hard))
+    held = [os.open(os.devnull, os.O_RDONLY) for _ in range(1100)]
+    try:
+        with (
+            ApplicationPoolServer(spawner=spawner) as server,
+            server.connect() as pool,
+            pool.get(make_app("a")) as session,
+        ):
+            assert greeting(session)[1] == session.pid
+    finally:
+        for fd in held:
+            os.close(fd)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))

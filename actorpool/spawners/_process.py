@@ -174,8 +174,7 @@ def read_message(fd: int, deadline: float, unpacker: Any = None) -> list[Any] | 
         remaining = None if deadline == math.inf else deadline - time.monotonic()
         if remaining is not None and remaining <= 0:
             raise TimeoutError
-        readable, _, _ = select.select([fd], [], [], remaining)
-        if readable:
+        if _readable(fd, remaining):
             data = os.read(fd, 65536)
             if not data:
                 return None
@@ -183,6 +182,19 @@ def read_message(fd: int, deadline: float, unpacker: Any = None) -> list[Any] | 
                 unpacker.feed(data)
             except msgpack.BufferFull as exc:
                 raise SpawnError("a child process sent an oversized message") from exc
+
+
+def _readable(fd: int, timeout: float | None) -> bool:
+    """Wait until ``fd`` is readable, at most ``timeout`` seconds (None: for
+    ever). poll, not select: the server holds a socket per client and two
+    descriptors per process, and select() refuses numbers past 1024."""
+    poller = select.poll()
+    poller.register(fd, select.POLLIN)
+    if timeout is None:
+        return bool(poller.poll())
+    # poll() takes at most 2**31 - 1 ms; a longer wait ends early, and the
+    # caller, which keeps its own deadline, asks again.
+    return bool(poller.poll(min(math.ceil(timeout * 1000), 2**31 - 1)))
 
 
 class PopenInstance:
@@ -272,7 +284,7 @@ class PidfdInstance:
 
     def wait(self) -> None:
         """Block until the process has exited (and reap it if it is ours)."""
-        select.select([self._pidfd], [], [])
+        _readable(self._pidfd, None)
         # The server is a child subreaper, so a smart worker whose preloader
         # let go of it is the server's to reap.
         with contextlib.suppress(ChildProcessError):
