@@ -690,8 +690,8 @@ def test_a_preloader_that_answers_garbage_fails_the_spawn_and_is_replaced(
         with pytest.raises(SpawnError, match=r"sent garbage|answered"):
             preloader.fork(os.path.join(socket_dir, "a.sock"), time.monotonic() + 5)
         assert not preloader.usable(me())
+        assert not alive(pid)  # killed: it might still fork for the request
         monkeypatch.undo()
-        os.kill(pid, signal.SIGCONT)
         instances.append(spawner.spawn(SpawnRequest(2, app, socket_dir, 30.0, me())))
         assert spawner._live is not None
         assert spawner._live.preloaders[app] is not preloader
