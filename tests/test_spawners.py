@@ -534,6 +534,16 @@ def smart(tmp_path: Path) -> Iterator[tuple[SmartSpawner, str]]:
     assert not closing.is_alive(), "SmartSpawner.close() hangs"
 
 
+def serving(address: str) -> bool:
+    """Whether a process accepts connections at ``address``."""
+    with socket.socket(socket.AF_UNIX) as probe:
+        try:
+            probe.connect(address)
+        except (ConnectionRefusedError, FileNotFoundError):
+            return False
+    return True
+
+
 def first_spawn(
     spawner: SmartSpawner, socket_dir: str, tmp_path: Path
 ) -> tuple[str, list[Instance], _Preloader, int]:
@@ -566,12 +576,13 @@ def test_a_preloader_that_does_not_fork_in_time_is_replaced(
         spawning = Spawning(spawner, SpawnRequest(2, app, socket_dir, 0.5, me()))
         with pytest.raises(SpawnError, match="did not fork in time"):
             spawning.result(timeout=10)
-        # Were it only slow and still alive, it would read the request now and
-        # fork a worker nobody tracks: it must be dead already.
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(stuck_pid, signal.SIGCONT)
-        wait_until(lambda: not alive(stuck_pid), timeout=5, what="the stuck one killed")
-        assert not os.path.exists(socket_path(live.dirs.for_user(stuck.user), 2))
+        # It was only slow: it reads the request now and forks the worker,
+        # whose spawn has failed. That worker is stopped, then the preloader.
+        os.kill(stuck_pid, signal.SIGCONT)
+        wait_until(
+            lambda: not alive(stuck_pid), timeout=10, what="the stuck one killed"
+        )
+        assert not serving(socket_path(live.dirs.for_user(stuck.user), 2))
         instances.append(spawner.spawn(SpawnRequest(3, app, socket_dir, 30.0, me())))
         assert live.preloaders[app] is not stuck
     finally:
@@ -628,10 +639,54 @@ def test_a_spawn_waiting_for_a_preloader_that_is_stopped_fails_at_once(
     wait_until(lambda: not processes_in(tmp_path), timeout=5, what="preloaders gone")
 
 
+SLOW_FORK_APP = """
+import os, time
+
+# Every fork takes 0.6 s: a big preloader, or a loaded machine.
+os.register_at_fork(after_in_child=lambda: time.sleep(0.6))
+
+def application(environ, start_response):
+    start_response("200 OK", [("Content-Length", "2")])
+    return [b"hi"]
+"""
+
+
+def test_a_worker_forked_after_its_spawn_timed_out_is_stopped(
+    smart: tuple[SmartSpawner, str],
+    tmp_path: Path,
+    wait_until: Callable[..., None],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The preloader is only slow: it forks the worker for a spawn that has
+    failed already. Nobody tracks that worker; killing the preloader does
+    not stop it (it forks in a process of its own). It must not serve."""
+    spawner, socket_dir = smart
+    app = write_app(tmp_path / "app", SLOW_FORK_APP)
+    first = spawner.spawn(SpawnRequest(1, app, socket_dir, 30.0, me()))
+    try:
+        assert spawner._live is not None
+        preloader = spawner._live.preloaders[app]
+        assert preloader._process is not None
+        with pytest.raises(SpawnError, match="did not fork in time"):
+            spawner.spawn(SpawnRequest(2, app, socket_dir, 0.3, me()))
+        wait_until(
+            lambda: not alive(preloader._process.pid),  # type: ignore[union-attr]
+            timeout=10,
+            what="the slow preloader stopped",
+        )
+        address = socket_path(spawner._live.dirs.for_user(preloader.user), 2)
+        assert not serving(address)
+        assert "forked after its spawn timed out" in caplog.text
+    finally:
+        first.stop()
+        first.wait()
+
+
 def test_a_preloader_whose_fork_timed_out_takes_no_other_fork(
     smart: tuple[SmartSpawner, str],
     tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
+    wait_until: Callable[..., None],
 ) -> None:
     """Between a timed-out fork letting go of the fork lock and stopping the
     preloader, another spawn could send a request of its own and take the
@@ -645,13 +700,13 @@ def test_a_preloader_whose_fork_timed_out_takes_no_other_fork(
     try:
         with pytest.raises(SpawnError, match="did not fork in time"):
             stuck.fork(os.path.join(socket_dir, "a.sock"), time.monotonic() + 0.2)
-        assert asked_to_stop
         sent = unread(stuck._control)
         assert sent > 0  # the first request, never read
         assert not stuck.usable(me())
         with pytest.raises(SpawnError, match="did not fork in time"):
             stuck.fork(os.path.join(socket_dir, "b.sock"), time.monotonic() + 0.2)
         assert unread(stuck._control) == sent  # no second request
+        wait_until(lambda: asked_to_stop, timeout=10, what="the preloader stopped")
     finally:
         os.kill(pid, signal.SIGKILL)
         for instance in instances:

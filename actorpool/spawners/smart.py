@@ -197,6 +197,11 @@ class _Live:
         self.preloaders: dict[str, _Preloader] = {}
 
 
+LATE_ANSWER_WAIT = 2 * KILL_GRACE
+"""Seconds to wait for the answer to a fork that timed out, so as to stop
+the worker it names, before the preloader is killed."""
+
+
 def _is_fork_reply(reply: list[Any]) -> bool:
     """Whether a preloader's reply to ``spawn`` is one it sends."""
     if reply[0] == "spawned":
@@ -343,6 +348,7 @@ class _Preloader:
                 "(busy with another spawn)"
             )
         broken = ""  # why this preloader can be trusted with no more forks
+        late = False  # timed out: its answer may still come (see _collect_late)
         reply: list[Any] | None = None
         try:
             with self._state:
@@ -363,7 +369,7 @@ class _Preloader:
                 write_message(self._control.fileno(), ["spawn", address])
                 reply = read_message(self._control.fileno(), deadline, self._unpacker)
             except TimeoutError:
-                broken = "did not fork in time"
+                broken, late = "did not fork in time", True
             except SpawnError as exc:  # not msgpack, or not a list
                 broken = f"sent garbage ({exc})"
             except OSError as exc:
@@ -379,21 +385,32 @@ class _Preloader:
                     broken = f"answered {reply!r:.100}"
         finally:
             with self._state:
-                self._fork_under_way = False
                 self._last_used = time.monotonic()
                 # Marked before the fork lock is let go: a spawn waiting for
                 # it must not send a request of its own and read this one's
                 # late answer as its own.
                 if broken:
                     self._broken = broken
-                if self._stopped:  # stop() left the shutdown to us
-                    self._shutdown()
-            self._forking.release()
+                if not late:
+                    self._fork_under_way = False
+                    if self._stopped:  # stop() left the shutdown to us
+                        self._shutdown()
+            if late:
+                # The fork lock and the socket go to the thread that waits
+                # for the answer; the spawn fails now.
+                threading.Thread(
+                    target=self._collect_late,
+                    args=(address,),
+                    name="actorpool-preloader-late",
+                    daemon=True,
+                ).start()
+            else:
+                self._forking.release()
+        if late:
+            raise SpawnError(f"the preloader of {self.app_root} {broken}")
         if broken:
-            # A fresh one serves the next spawn. Killed, not let go: a slow
-            # one would still read the request and fork a worker nobody
-            # tracks. Only once the fork lock is let go, as the reaper that
-            # stop() starts takes it.
+            # A fresh one serves the next spawn. Only once the fork lock is
+            # let go, as the reaper that stop() starts takes it.
             self.stop(kill=True, why=broken)
             raise SpawnError(f"the preloader of {self.app_root} {broken}")
         if reply is None:
@@ -446,6 +463,43 @@ class _Preloader:
                 self._process.wait(KILL_GRACE * 2)
         if self._reaper is not None:
             self._reaper.join(KILL_GRACE)
+
+    def _collect_late(self, address: str) -> None:
+        """After a fork timed out (holding the fork lock, fork under way):
+        wait a little for its answer, stop the worker it names, then kill
+        the preloader.
+
+        A preloader that was only slow still forks the worker it was asked
+        for, and the spawn that asked has failed: nobody would track that
+        worker, which would serve on until the server exits. Killing the
+        preloader does not stop it either, once it has begun to fork.
+        """
+        try:
+            reply = read_message(
+                self._control.fileno(),
+                time.monotonic() + LATE_ANSWER_WAIT,
+                self._unpacker,
+            )
+        except Exception:  # no answer in time, garbage, or a socket gone
+            reply = None
+        try:
+            if reply is not None and _is_fork_reply(reply) and reply[0] == "spawned":
+                logger.warning(
+                    "%s: stopping worker %d, forked after its spawn timed out",
+                    self.app_root,
+                    reply[1],
+                )
+                with contextlib.suppress(ProcessLookupError):
+                    orphan = PidfdInstance(reply[1], address)
+                    orphan.stop()
+                    orphan.wait()
+        finally:
+            with self._state:
+                self._fork_under_way = False
+                if self._stopped:  # stop() left the shutdown to us
+                    self._shutdown()
+            self._forking.release()
+            self.stop(kill=True, why=self._broken)
 
     def _stopped_text(self) -> str:
         return f"the preloader of {self.app_root} was {self._why}"
