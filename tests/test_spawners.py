@@ -642,8 +642,8 @@ def test_a_spawn_waiting_for_a_preloader_that_is_stopped_fails_at_once(
 SLOW_FORK_APP = """
 import os, time
 
-# Every fork takes 0.6 s: a big preloader, or a loaded machine.
-os.register_at_fork(after_in_child=lambda: time.sleep(0.6))
+# Every fork is slow: a big preloader, or a loaded machine.
+os.register_at_fork(after_in_child=lambda: time.sleep(FORK_SECONDS))
 
 def application(environ, start_response):
     start_response("200 OK", [("Content-Length", "2")])
@@ -651,21 +651,34 @@ def application(environ, start_response):
 """
 
 
+@pytest.mark.parametrize(
+    ("fork_seconds", "logged"),
+    [(0.6, "forked after its spawn timed out"), (3.0, "")],
+    ids=["answer-comes-late", "answer-never-comes"],
+)
 def test_a_worker_forked_after_its_spawn_timed_out_is_stopped(
     smart: tuple[SmartSpawner, str],
     tmp_path: Path,
     wait_until: Callable[..., None],
     caplog: pytest.LogCaptureFixture,
+    fork_seconds: float,
+    logged: str,
 ) -> None:
     """The preloader is only slow: it forks the worker for a spawn that has
     failed already. Nobody tracks that worker; killing the preloader does
-    not stop it (it forks in a process of its own). It must not serve."""
+    not stop it (it forks in a process of its own). It must not serve.
+
+    Its answer comes 0.3 s after the spawn gave up, and the worker it names
+    is stopped; or it would come after the 2 s the answer is waited for,
+    and the process forking the worker goes with the preloader's group."""
     spawner, socket_dir = smart
-    app = write_app(tmp_path / "app", SLOW_FORK_APP)
+    source = SLOW_FORK_APP.replace("FORK_SECONDS", str(fork_seconds))
+    app = write_app(tmp_path / "app", source)
     first = spawner.spawn(SpawnRequest(1, app, socket_dir, 30.0, me()))
     try:
         assert spawner._live is not None
         preloader = spawner._live.preloaders[app]
+        assert preloader._process is not None
         assert preloader._process is not None
         with pytest.raises(SpawnError, match="did not fork in time"):
             spawner.spawn(SpawnRequest(2, app, socket_dir, 0.3, me()))
@@ -674,9 +687,16 @@ def test_a_worker_forked_after_its_spawn_timed_out_is_stopped(
             timeout=10,
             what="the slow preloader stopped",
         )
+        # Nothing but the first worker: no second worker, and no process left
+        # that could still fork one (its hook may still be sleeping).
+        wait_until(
+            lambda: processes_in(tmp_path) == {first.pid},
+            timeout=10,
+            what="only the first worker left",
+        )
         address = socket_path(spawner._live.dirs.for_user(preloader.user), 2)
         assert not serving(address)
-        assert "forked after its spawn timed out" in caplog.text
+        assert logged in caplog.text
     finally:
         first.stop()
         first.wait()
@@ -688,10 +708,10 @@ def test_a_preloader_whose_fork_timed_out_takes_no_other_fork(
     monkeypatch: pytest.MonkeyPatch,
     wait_until: Callable[..., None],
 ) -> None:
-    """Between a timed-out fork letting go of the fork lock and stopping the
-    preloader, another spawn could send a request of its own and take the
-    late answer to the first for its own worker. Here that gap is held open
-    (stop() does nothing) to show no second request is sent."""
+    """Once a timed-out fork has let go of the fork lock, and before the
+    preloader is stopped, another spawn could send a request of its own and
+    take the late answer to the first for its own worker. Here that gap is
+    held open (stop() does nothing) to show no second request is sent."""
     spawner, socket_dir = smart
     _, instances, stuck, pid = first_spawn(spawner, socket_dir, tmp_path)
     asked_to_stop: list[object] = []
@@ -703,10 +723,11 @@ def test_a_preloader_whose_fork_timed_out_takes_no_other_fork(
         sent = unread(stuck._control)
         assert sent > 0  # the first request, never read
         assert not stuck.usable(me())
+        # The wait for a late answer ends (none comes) and lets go of the lock.
+        wait_until(lambda: asked_to_stop, timeout=10, what="the lock let go")
         with pytest.raises(SpawnError, match="did not fork in time"):
-            stuck.fork(os.path.join(socket_dir, "b.sock"), time.monotonic() + 0.2)
+            stuck.fork(os.path.join(socket_dir, "b.sock"), time.monotonic() + 5)
         assert unread(stuck._control) == sent  # no second request
-        wait_until(lambda: asked_to_stop, timeout=10, what="the preloader stopped")
     finally:
         os.kill(pid, signal.SIGKILL)
         for instance in instances:

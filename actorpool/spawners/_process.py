@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import ctypes
 import errno
 import logging
 import math
@@ -39,6 +40,7 @@ __all__ = [
     "PidfdInstance",
     "PopenInstance",
     "SocketDirs",
+    "die_with_parent",
     "groups_of",
     "read_message",
     "write_message",
@@ -284,7 +286,13 @@ class PidfdInstance:
 
     def wait(self) -> None:
         """Block until the process has exited (and reap it if it is ours)."""
-        _readable(self._pidfd, None)
+        self.wait_for(None)
+
+    def wait_for(self, timeout: float | None) -> bool:
+        """:meth:`wait`, for at most ``timeout`` seconds (None: for ever);
+        whether the process has exited."""
+        if not _readable(self._pidfd, timeout):
+            return False
         # The server is a child subreaper, so a smart worker whose preloader
         # let go of it is the server's to reap.
         with contextlib.suppress(ChildProcessError):
@@ -296,6 +304,7 @@ class PidfdInstance:
             os.close(self._pidfd)
         with contextlib.suppress(OSError):
             os.unlink(self.address)
+        return True
 
     def _signal(self, signum: int) -> None:
         with self._lock:
@@ -328,6 +337,23 @@ def popen_user_args(user: RunAs | None) -> dict[str, Any]:
         "group": user.gid,
         "extra_groups": groups_of(user.uid, user.gid),
     }
+
+
+PR_SET_PDEATHSIG = 1
+"""prctl() option: a signal for this process when its parent dies."""
+
+
+def die_with_parent(parent: int) -> None:
+    """Have the kernel SIGKILL this process when ``parent`` dies; exit now
+    if it has died already (before the prctl, which would then never fire).
+
+    For a child just forked: the setting is not inherited by its own
+    children, and a later switch of user clears it.
+    """
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    if os.getppid() != parent:
+        os._exit(1)
 
 
 def groups_of(uid: int, gid: int) -> list[int]:

@@ -31,7 +31,7 @@ from typing import Any
 
 import msgpack
 
-from actorpool.spawners._process import MAX_MESSAGE, write_message
+from actorpool.spawners._process import MAX_MESSAGE, die_with_parent, write_message
 from actorpool.spawners.worker import (
     LifelineWatch,
     listen,
@@ -81,10 +81,14 @@ def _spawn(
     except OSError as exc:
         return ["error", f"cannot listen on {request[1]}: {exc}", ""]
     pid_r, pid_w = os.pipe()
+    preloader = os.getpid()
     try:
         middle = os.fork()
         if middle == 0:  # the middle process: fork the worker and go
             try:
+                # A preloader killed mid-spawn (it was too slow) takes this
+                # process along, before it forks a worker nobody would track.
+                die_with_parent(preloader)
                 os.close(pid_r)
                 worker = os.fork()
                 if worker == 0:

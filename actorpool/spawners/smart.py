@@ -448,6 +448,8 @@ class _Preloader:
                 if not self._fork_under_way:
                     self._shutdown()
         if kill and self._process is not None:
+            # A process it forked to fork a worker dies with it, before it
+            # forks (PR_SET_PDEATHSIG, see preloader._spawn).
             self._process.kill()
             self._process.wait()
         if first and self._process is not None:
@@ -492,7 +494,12 @@ class _Preloader:
                 with contextlib.suppress(ProcessLookupError):
                     orphan = PidfdInstance(reply[1], address)
                     orphan.stop()
-                    orphan.wait()
+                    # Bounded: the fork lock is held, and a process may not
+                    # die (one that is not ours, stuck in the kernel).
+                    if not orphan.wait_for(2 * KILL_GRACE):
+                        logger.error(
+                            "%s: worker %d did not stop", self.app_root, reply[1]
+                        )
         finally:
             with self._state:
                 self._fork_under_way = False

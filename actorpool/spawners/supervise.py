@@ -18,7 +18,6 @@ SIGKILL from the kernel if the supervisor itself is killed
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import functools
 import os
 import select
@@ -27,11 +26,15 @@ import socket
 import subprocess
 import sys
 
-from actorpool.spawners._process import KILL_GRACE, groups_of, write_message
+from actorpool.spawners._process import (
+    KILL_GRACE,
+    die_with_parent,
+    groups_of,
+    write_message,
+)
 
 __all__ = ["main"]
 
-PR_SET_PDEATHSIG = 1
 READY_POLL = 0.02
 """Seconds between two attempts to connect to a starting command's socket."""
 
@@ -108,10 +111,7 @@ def _terminate(child: subprocess.Popen[bytes]) -> None:
 def _die_with_parent(parent: int) -> None:
     # Runs in the child after it has switched users (a later switch would
     # clear the setting) and before exec, in this single-threaded process.
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
-    if os.getppid() != parent:  # the supervisor died before the prctl
-        os._exit(1)
+    die_with_parent(parent)
 
 
 if __name__ == "__main__":
