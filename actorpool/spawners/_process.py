@@ -342,6 +342,10 @@ def popen_user_args(user: RunAs | None) -> dict[str, Any]:
 PR_SET_PDEATHSIG = 1
 """prctl() option: a signal for this process when its parent dies."""
 
+# Looked up now, in the parent: in a child forked from a process with other
+# threads, dlopen() may wait for ever on a loader lock one of them held.
+_prctl = ctypes.CDLL(None, use_errno=True).prctl
+
 
 def die_with_parent(parent: int) -> None:
     """Have the kernel SIGKILL this process when ``parent`` dies; exit now
@@ -350,8 +354,7 @@ def die_with_parent(parent: int) -> None:
     For a child just forked: the setting is not inherited by its own
     children, and a later switch of user clears it.
     """
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    _prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
     if os.getppid() != parent:
         os._exit(1)
 
