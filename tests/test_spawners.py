@@ -642,8 +642,20 @@ def test_a_spawn_waiting_for_a_preloader_that_is_stopped_fails_at_once(
 SLOW_FORK_APP = """
 import os, time
 
-# Every fork is slow: a big preloader, or a loaded machine.
-os.register_at_fork(after_in_child=lambda: time.sleep(FORK_SECONDS))
+PRELOADER = os.getpid()
+SLOW = os.path.join(os.path.dirname(os.path.abspath(__file__)), "slow")
+
+def slow(seconds):
+    # Once the test says so: a big preloader, or a loaded machine.
+    if os.path.exists(SLOW):
+        time.sleep(seconds)
+
+# In the child of each fork (the middle process, then the worker), before
+# any of actorpool's code runs there.
+os.register_at_fork(after_in_child=lambda: slow(AFTER_IN_CHILD))
+# In the middle process only, as it forks the worker: actorpool's code in
+# it has run by then.
+os.register_at_fork(before=lambda: os.getpid() != PRELOADER and slow(BEFORE))
 
 def application(environ, start_response):
     start_response("200 OK", [("Content-Length", "2")])
@@ -652,34 +664,41 @@ def application(environ, start_response):
 
 
 @pytest.mark.parametrize(
-    ("fork_seconds", "logged"),
-    [(0.6, "forked after its spawn timed out"), (3.0, "")],
-    ids=["answer-comes-late", "answer-never-comes"],
+    ("after_in_child", "before", "answered_late"),
+    [(0.6, 0, True), (5, 0, False), (0, 5, False)],
+    ids=[
+        "the-answer-comes-late",
+        "killed-before-the-middle-process-runs",
+        "killed-while-the-middle-process-forks",
+    ],
 )
 def test_a_worker_forked_after_its_spawn_timed_out_is_stopped(
     smart: tuple[SmartSpawner, str],
     tmp_path: Path,
     wait_until: Callable[..., None],
     caplog: pytest.LogCaptureFixture,
-    fork_seconds: float,
-    logged: str,
+    after_in_child: float,
+    before: float,
+    answered_late: bool,
 ) -> None:
     """The preloader is only slow: it forks the worker for a spawn that has
     failed already. Nobody tracks that worker; killing the preloader does
-    not stop it (it forks in a process of its own). It must not serve.
+    not stop it (a middle process forks it). It must not serve.
 
-    Its answer comes 0.3 s after the spawn gave up, and the worker it names
-    is stopped; or it would come after the 2 s the answer is waited for,
-    and the process forking the worker goes with the preloader's group."""
+    The answer comes 0.3 s after the spawn gave up, and the worker it names
+    is stopped. Or it would come after the 2 s it is waited for, and the
+    preloader is killed: the middle process, if it has not run yet, finds
+    its parent gone; if it is about to fork, the kernel kills it with its
+    parent (PR_SET_PDEATHSIG). Either way it has 2.7 s to spare."""
     spawner, socket_dir = smart
-    source = SLOW_FORK_APP.replace("FORK_SECONDS", str(fork_seconds))
-    app = write_app(tmp_path / "app", source)
+    source = SLOW_FORK_APP.replace("AFTER_IN_CHILD", str(after_in_child))
+    app = write_app(tmp_path / "app", source.replace("BEFORE", str(before)))
     first = spawner.spawn(SpawnRequest(1, app, socket_dir, 30.0, me()))
     try:
         assert spawner._live is not None
         preloader = spawner._live.preloaders[app]
         assert preloader._process is not None
-        assert preloader._process is not None
+        (tmp_path / "app" / "slow").touch()  # from the next fork on
         with pytest.raises(SpawnError, match="did not fork in time"):
             spawner.spawn(SpawnRequest(2, app, socket_dir, 0.3, me()))
         wait_until(
@@ -696,7 +715,8 @@ def test_a_worker_forked_after_its_spawn_timed_out_is_stopped(
         )
         address = socket_path(spawner._live.dirs.for_user(preloader.user), 2)
         assert not serving(address)
-        assert logged in caplog.text
+        logged = "forked after its spawn timed out" in caplog.text
+        assert logged is answered_late
     finally:
         first.stop()
         first.wait()

@@ -81,6 +81,8 @@ def _spawn(
     except OSError as exc:
         return ["error", f"cannot listen on {request[1]}: {exc}", ""]
     pid_r, pid_w = os.pipe()
+    # Called on the main thread only: the middle process's death signal
+    # fires when the thread that forked it ends, not the process.
     preloader = os.getpid()
     try:
         middle = os.fork()
