@@ -544,6 +544,13 @@ def serving(address: str) -> bool:
     return True
 
 
+def stop_all(instances: list[Instance]) -> None:
+    """Stop each instance and wait for it."""
+    for instance in instances:
+        instance.stop()
+        instance.wait()
+
+
 def first_spawn(
     spawner: SmartSpawner, socket_dir: str, tmp_path: Path
 ) -> tuple[str, list[Instance], _Preloader, int]:
@@ -588,9 +595,7 @@ def test_a_preloader_that_does_not_fork_in_time_is_replaced(
     finally:
         with contextlib.suppress(ProcessLookupError):
             os.kill(stuck_pid, signal.SIGKILL)
-        for instance in instances:
-            instance.stop()
-            instance.wait()
+        stop_all(instances)
 
 
 def test_a_spawn_waiting_for_a_preloader_that_is_stopped_fails_at_once(
@@ -750,9 +755,7 @@ def test_a_preloader_whose_fork_timed_out_takes_no_other_fork(
         assert unread(stuck._control) == sent  # no second request
     finally:
         os.kill(pid, signal.SIGKILL)
-        for instance in instances:
-            instance.stop()
-            instance.wait()
+        stop_all(instances)
 
 
 @pytest.mark.parametrize(
@@ -794,9 +797,7 @@ def test_a_preloader_that_answers_garbage_fails_the_spawn_and_is_replaced(
     finally:
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGCONT)
-        for instance in instances:
-            instance.stop()
-            instance.wait()
+        stop_all(instances)
 
 
 def test_a_restart_does_not_wait_for_a_fork_under_way_and_lets_it_finish(
@@ -823,9 +824,7 @@ def test_a_restart_does_not_wait_for_a_fork_under_way_and_lets_it_finish(
     finally:
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGCONT)
-        for instance in instances:
-            instance.stop()
-            instance.wait()
+        stop_all(instances)
 
 
 # --- nothing outlives the server ---------------------------------------------------
