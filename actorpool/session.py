@@ -48,6 +48,7 @@ from actorpool.messages import (
     ClientDetached,
     ClientRequest,
     CloseSession,
+    ErrorReply,
     Hello,
     Reply,
     Request,
@@ -208,6 +209,31 @@ _outboxes: dict[str, Outbox] = {}
 _outboxes_lock = threading.Lock()
 
 
+def _send_or_say_why(outbox: Outbox, message: WireMessage) -> None:
+    """Send ``message``; if it cannot be (a reply over the frame limit, say,
+    a statistics snapshot of many thousand apps), answer its request with an
+    error instead, so that the client hears why and its connection lives.
+
+    Raises :class:`LocalProtocolError` when not even that can be sent.
+    """
+    try:
+        outbox.send(message)
+    except LocalProtocolError as exc:
+        # Named, not shown: the message may be a megabyte long.
+        what = type(message).__name__
+        request_id = getattr(message, "request_id", 0)
+        logger.error("cannot send %s (request %d): %s", what, request_id, exc)
+        if not request_id or isinstance(message, ErrorReply):
+            raise
+        outbox.send(
+            ErrorReply(
+                request_id,
+                "ActorPoolError",
+                f"the server could not send its answer ({what}): {exc}",
+            )
+        )
+
+
 class ClientProxy:
     """How the registry answers one client: a reply goes out at once.
 
@@ -240,11 +266,8 @@ class ClientProxy:
                 self.ref.tell(reply)
                 return
             try:
-                self._outbox.send(reply)
-            except LocalProtocolError as exc:
-                # A bug on our side (a reply over the frame limit, say):
-                # this client cannot be answered correctly, the others can.
-                logger.error("cannot send %r: %s", reply, exc)
+                _send_or_say_why(self._outbox, reply)
+            except LocalProtocolError:
                 self.ref.tell(HangUp())
         except pykka.ActorDeadError:
             pass  # it is closing; the registry hears ClientDetached next
@@ -372,9 +395,8 @@ class ClientSessionActor(pykka.ThreadingActor):
         ):
             return  # closing: replies still in the inbox have nowhere to go
         try:
-            self._outbox.send(message)
+            _send_or_say_why(self._outbox, message)
         except LocalProtocolError:
-            logger.exception("cannot send %r to client %d", message, self._client_id)
             self._hang_up()
 
     def _fail(self, text: str) -> None:

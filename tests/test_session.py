@@ -33,11 +33,18 @@ from actorpool.messages import (
     Hello,
     SessionFailed,
     SessionGranted,
+    StatisticsReply,
     Welcome,
     WireMessage,
 )
-from actorpool.protocol import NEED_DATA, PEER_CLOSED, Connection, Role
-from actorpool.session import MAX_REQUEST_FRAME, ClientSessionActor, HangUp, Outbox
+from actorpool.protocol import MAX_FRAME_SIZE, NEED_DATA, PEER_CLOSED, Connection, Role
+from actorpool.session import (
+    MAX_REQUEST_FRAME,
+    ClientProxy,
+    ClientSessionActor,
+    HangUp,
+    Outbox,
+)
 from actorpool.testing import Barrier, Recorder, take
 
 WAIT = 5.0
@@ -357,6 +364,36 @@ def test_a_reply_to_no_request_in_flight_closes_only_this_connection(
     assert take(rig.reports, ClientDetached).client_id == CLIENT_ID
     assert rig.done.wait(WAIT)  # stopped by on_stop, not by a failure
     assert rig.peer.receive() is PEER_CLOSED
+
+
+def _too_big_to_send(request_id: int) -> StatisticsReply:
+    return StatisticsReply(request_id, {"apps": "x" * (MAX_FRAME_SIZE + 1)})
+
+
+@pytest.mark.parametrize("through", ["the actor", "the direct proxy"])
+def test_a_reply_too_big_to_send_is_answered_with_an_error_instead(
+    rig: Rig, through: str
+) -> None:
+    # A statistics snapshot of many thousand apps can pass the frame limit:
+    # the client hears why, and its connection lives on.
+    rig.peer.handshake()
+    rig.peer.send(GetStatistics(1))
+    take(rig.reports, ClientRequest)
+    if through == "the actor":
+        rig.actor.tell(_too_big_to_send(1))
+    else:
+        proxy = ClientProxy.from_urn(rig.actor.actor_urn)
+        assert proxy is not None
+        proxy.reply(_too_big_to_send(1))
+    error = rig.peer.receive()
+    assert isinstance(error, ErrorReply)
+    assert error.request_id == 1
+    assert "could not send its answer (StatisticsReply)" in error.message
+    rig.peer.send(Get(2, "/srv/a"))  # and the connection carries on
+    take(rig.reports, ClientRequest)
+    grant = SessionGranted(2, 11, 4242, "/srv/a", "/sock/a")
+    rig.actor.tell(grant)
+    assert rig.peer.receive() == grant
 
 
 # --- the Outbox: replies from any thread, never blocking -------------------------
