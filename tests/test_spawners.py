@@ -644,23 +644,27 @@ def test_a_spawn_waiting_for_a_preloader_that_is_stopped_fails_at_once(
     wait_until(lambda: not processes_in(tmp_path), timeout=5, what="preloaders gone")
 
 
-SLOW_FORK_APP = """
-import os, time
+HELD_FORK_APP = """
+import os
 
 PRELOADER = os.getpid()
-SLOW = os.path.join(os.path.dirname(os.path.abspath(__file__)), "slow")
+GATE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "gate")
 
-def slow(seconds):
-    # Once the test says so: a big preloader, or a loaded machine.
-    if os.path.exists(SLOW):
-        time.sleep(seconds)
+def held():
+    # Once the test has made the gate (a FIFO), a fork waits until the test
+    # lets it go on: a fork slower than its spawn's deadline.
+    if os.path.exists(GATE):
+        with open(GATE, "rb") as gate:
+            gate.read(1)
 
 # In the child of each fork (the middle process, then the worker), before
 # any of actorpool's code runs there.
-os.register_at_fork(after_in_child=lambda: slow(AFTER_IN_CHILD))
+os.register_at_fork(after_in_child=lambda: HOOK == "after_in_child" and held())
 # In the middle process only, as it forks the worker: actorpool's code in
 # it has run by then.
-os.register_at_fork(before=lambda: os.getpid() != PRELOADER and slow(BEFORE))
+os.register_at_fork(
+    before=lambda: HOOK == "before" and os.getpid() != PRELOADER and held()
+)
 
 def application(environ, start_response):
     start_response("200 OK", [("Content-Length", "2")])
@@ -669,8 +673,12 @@ def application(environ, start_response):
 
 
 @pytest.mark.parametrize(
-    ("after_in_child", "before", "answered_late"),
-    [(0.6, 0, True), (5, 0, False), (0, 5, False)],
+    ("hook", "released", "answered_late"),
+    [
+        ("after_in_child", "when the spawn has failed", True),
+        ("after_in_child", "when the preloader is dead", False),
+        ("before", "when the preloader is dead", False),
+    ],
     ids=[
         "the-answer-comes-late",
         "killed-before-the-middle-process-runs",
@@ -682,37 +690,43 @@ def test_a_worker_forked_after_its_spawn_timed_out_is_stopped(
     tmp_path: Path,
     wait_until: Callable[..., None],
     caplog: pytest.LogCaptureFixture,
-    after_in_child: float,
-    before: float,
+    hook: str,
+    released: str,
     answered_late: bool,
 ) -> None:
     """The preloader is only slow: it forks the worker for a spawn that has
     failed already. Nobody tracks that worker; killing the preloader does
     not stop it (a middle process forks it). It must not serve.
 
-    The answer comes 0.3 s after the spawn gave up, and the worker it names
-    is stopped. Or it would come after the 2 s it is waited for, and the
-    preloader is killed: the middle process, if it has not run yet, finds
-    its parent gone; if it is about to fork, the kernel kills it with its
-    parent (PR_SET_PDEATHSIG). Either way it has 2.7 s to spare."""
+    Let go once the spawn has failed, the answer comes late, and the worker
+    it names is stopped. Held until the preloader is dead (no answer came in
+    the 2 s it is waited for), the middle process either finds its parent
+    gone when it runs, or, held as it forks, is killed by the kernel with
+    its parent (PR_SET_PDEATHSIG)."""
     spawner, socket_dir = smart
-    source = SLOW_FORK_APP.replace("AFTER_IN_CHILD", str(after_in_child))
-    app = write_app(tmp_path / "app", source.replace("BEFORE", str(before)))
+    app = write_app(tmp_path / "app", HELD_FORK_APP.replace("HOOK", repr(hook)))
     first = spawner.spawn(SpawnRequest(1, app, socket_dir, 30.0, me()))
+    gate = tmp_path / "app" / "gate"
+    os.mkfifo(gate)  # from the next fork on
+    # Read and write: opening it never blocks a fork, and what is written
+    # stays for the forks still to come.
+    keeper = os.open(gate, os.O_RDWR)
     try:
         assert spawner._live is not None
         preloader = spawner._live.preloaders[app]
         assert preloader._process is not None
-        (tmp_path / "app" / "slow").touch()  # from the next fork on
         with pytest.raises(SpawnError, match="did not fork in time"):
             spawner.spawn(SpawnRequest(2, app, socket_dir, 0.3, me()))
+        if released == "when the spawn has failed":
+            os.write(keeper, b"go" * 4)
         wait_until(
             lambda: not alive(preloader._process.pid),  # type: ignore[union-attr]
             timeout=10,
             what="the slow preloader stopped",
         )
+        os.write(keeper, b"go" * 4)
         # Nothing but the first worker: no second worker, and no process left
-        # that could still fork one (its hook may still be sleeping).
+        # that could still fork one.
         wait_until(
             lambda: processes_in(tmp_path) == {first.pid},
             timeout=10,
@@ -723,6 +737,7 @@ def test_a_worker_forked_after_its_spawn_timed_out_is_stopped(
         logged = "forked after its spawn timed out" in caplog.text
         assert logged is answered_late
     finally:
+        os.close(keeper)
         first.stop()
         first.wait()
 
