@@ -1074,34 +1074,56 @@ def test_a_very_long_app_timeout_is_waited_in_pieces(
     assert proxy_module._poll_ms(3e6) == 2**31 - 1
 
 
+class _SlowClientClock:
+    """``time`` for the proxy module, whose clock jumps by ``write_seconds``
+    each time the proxy writes to the client: a client that takes that long
+    to read each piece, with no test waiting on the real clock."""
+
+    def __init__(self, write_seconds: float) -> None:
+        self.write_seconds = write_seconds
+        self.offset = 0.0
+
+    def monotonic(self) -> float:
+        return time.monotonic() + self.offset
+
+
 def test_time_blocked_on_a_slow_client_is_not_the_apps(
     relay_rig: Callable[[bytes, ProxyOptions], RelayRig],
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    # The app has the whole response ready; the client reads none of it for
-    # longer than app_timeout. The proxy is stuck sending to the client,
-    # not waiting for the app, which must not be taken for hung.
-    options = ProxyOptions(app_timeout=0.3, client_timeout=30)
+    # The app has the whole response ready; each write to the client takes
+    # ten times app_timeout. The proxy is stuck sending to the client, not
+    # waiting for the app, which must not be taken for hung.
+    options = ProxyOptions(app_timeout=1, client_timeout=30)
     client, request, client_side, app_side, to_app = relay_rig(
         b"GET / HTTP/1.1\r\nHost: x\r\n\r\n", options
     )
-    body = b"x" * (8 << 20)  # far more than the socket buffers hold
+    clock = _SlowClientClock(write_seconds=10)
+    monkeypatch.setattr(proxy_module, "time", clock)
+    real_flush = client.flush
+
+    def slow_flush() -> None:
+        if client._pending:
+            clock.offset += clock.write_seconds
+        real_flush()
+
+    monkeypatch.setattr(client, "flush", slow_flush)
+    body = b"x" * (1 << 20)  # many writes' worth
     app = threading.Thread(target=answer, args=(app_side, body), daemon=True)
     app.start()
     received = bytearray()
 
-    def slow_reader() -> None:
-        for _ in range(3):  # three stalls of twice app_timeout, then read on
-            threading.Event().wait(0.6)  # the slowness is the point here
-            received.extend(client_side.recv(65536))
+    def reader() -> None:
         while data := client_side.recv(1 << 20):
             received.extend(data)
 
-    reader = threading.Thread(target=slow_reader, daemon=True)
-    reader.start()
-    proxy_module._exchange(client, proxy_module._App(to_app), request, 0.3)
+    reading = threading.Thread(target=reader, daemon=True)
+    reading.start()
+    proxy_module._exchange(client, proxy_module._App(to_app), request, 1)
     client.conn.shutdown(socket.SHUT_WR)  # the end, for the reader
-    reader.join(10)
+    reading.join(10)
     assert received.endswith(body)
+    assert clock.offset > 10 * options.app_timeout  # the writes were slow
 
 
 class _ClosedAfterTwoSends:
