@@ -31,9 +31,9 @@ from collections.abc import Iterable, Iterator, Sequence
 import h11
 
 from actorpool.client import ApplicationPool, Session
+from actorpool.config import check_int, check_seconds
 from actorpool.errors import (
     ActorPoolError,
-    ConfigError,
     GetTimeoutError,
     QueueFullError,
     ServerGoneError,
@@ -115,40 +115,13 @@ class ProxyOptions:
     """Log each request in Common Log Format to ``actorpool.access`` (INFO)."""
 
     def __post_init__(self) -> None:
-        if not _seconds(self.client_timeout, allow_zero=False):
-            raise ConfigError(
-                f"client_timeout must be a number > 0, not {self.client_timeout!r}"
-            )
-        if not _int_at_least(self.max_header_size, 1):
-            raise ConfigError(
-                f"max_header_size must be an int >= 1, not {self.max_header_size!r}"
-            )
-        if not _seconds(self.app_timeout, allow_zero=False):
-            raise ConfigError(
-                f"app_timeout must be a number > 0, not {self.app_timeout!r}"
-            )
-        if self.get_timeout is not None and not _seconds(
-            self.get_timeout, allow_zero=True
-        ):
-            raise ConfigError(
-                f"get_timeout must be None or a number >= 0, not {self.get_timeout!r}"
-            )
-        if not _int_at_least(self.retry_after, 0):
-            raise ConfigError(
-                f"retry_after must be an int >= 0, not {self.retry_after!r}"
-            )
-
-
-def _seconds(value: object, *, allow_zero: bool) -> bool:
-    """Whether `value` is a finite number of seconds, > 0 (or >= 0)."""
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        return False
-    return math.isfinite(value) and (value > 0 or (allow_zero and value == 0))
-
-
-def _int_at_least(value: object, minimum: int) -> bool:
-    """Whether `value` is an int (not a bool) >= `minimum`."""
-    return isinstance(value, int) and not isinstance(value, bool) and value >= minimum
+        # The same checks, and the same bounds, as PoolConfig's fields.
+        check_seconds("client_timeout", self.client_timeout, allow_zero=False)
+        check_int("max_header_size", self.max_header_size, minimum=1)
+        check_seconds("app_timeout", self.app_timeout, allow_zero=False)
+        if self.get_timeout is not None:
+            check_seconds("get_timeout", self.get_timeout, allow_zero=True)
+        check_int("retry_after", self.retry_after, minimum=0)
 
 
 def serve_client(
