@@ -18,7 +18,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
-import math
 import os
 import pickle
 import select
@@ -35,6 +34,7 @@ from typing import IO, Any
 
 import pykka
 
+from actorpool._poll import poll_ms
 from actorpool.acceptor import CONNECT, SHUTDOWN, AcceptorActor
 from actorpool.client import ApplicationPool
 from actorpool.config import PoolConfig
@@ -243,7 +243,7 @@ def _read_status(stdout: IO[bytes], deadline: float) -> bytes:
         remaining = deadline - time.monotonic()
         if remaining <= 0:
             raise ActorPoolError("the pool server did not start in time")
-        if not poller.poll(min(math.ceil(remaining * 1000), 2**31 - 1)):
+        if not poller.poll(poll_ms(remaining)):
             continue
         chunk = os.read(fd, 4096)
         if not chunk:

@@ -20,7 +20,6 @@ import contextlib
 import dataclasses
 import http
 import logging
-import math
 import select
 import socket
 import threading
@@ -30,6 +29,7 @@ from collections.abc import Iterable, Iterator, Sequence
 
 import h11
 
+from actorpool._poll import poll_ms
 from actorpool.client import ApplicationPool, Session
 from actorpool.config import check_int, check_seconds
 from actorpool.errors import (
@@ -75,8 +75,6 @@ clients, and big cookies are common."""
 _STOP_CHECK_INTERVAL = 0.25
 """Seconds between looks at ``stopping`` while a connection waits for a
 request: a threading.Event cannot be waited on together with a socket."""
-_MAX_POLL_MS = 2**31 - 1
-"""The longest ``poll()`` wait, in milliseconds (a C int)."""
 _DRAIN_LIMIT = 1024 * 1024
 """Unread request body discarded to keep a connection alive (or while
 closing it); a longer leftover closes the connection instead."""
@@ -370,7 +368,7 @@ def _exchange(
             raise _AppTimeout(f"the application was silent for {limit:g} s")
         poller.modify(client.conn, select.POLLIN if on_client else 0)
         poller.modify(app.sock, select.POLLIN | (select.POLLOUT if app.outgoing else 0))
-        ready = dict(poller.poll(_poll_ms(remaining)))
+        ready = dict(poller.poll(poll_ms(remaining)))
         app_ready = ready.get(app.sock.fileno(), 0)
         if app_ready & ~select.POLLIN and app.outgoing:
             sent = app.write()
@@ -399,12 +397,6 @@ def _no_keep_alive_if_unread(client: _Client) -> None:
     the connection end after its response already.)"""
     if client.body_unread:
         client.keep_alive = False
-
-
-def _poll_ms(seconds: float) -> int:
-    """A ``poll()`` timeout for ``seconds``, at most what poll takes (about
-    24.8 days; a caller whose deadline is later polls again)."""
-    return min(math.ceil(seconds * 1000), _MAX_POLL_MS)
 
 
 def _pool_failed(
@@ -833,7 +825,7 @@ class _Client:
                 remaining = 0.0
             elif idle:
                 remaining = min(remaining, _STOP_CHECK_INTERVAL)
-            if self._poll.poll(_poll_ms(remaining)):
+            if self._poll.poll(poll_ms(remaining)):
                 return True
             if stop or time.monotonic() >= deadline:
                 return False

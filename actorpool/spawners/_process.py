@@ -30,6 +30,7 @@ from typing import Any
 
 import msgpack
 
+from actorpool._poll import poll_ms
 from actorpool.errors import SpawnError
 from actorpool.spawners.approot import RunAs
 
@@ -194,9 +195,7 @@ def _readable(fd: int, timeout: float | None) -> bool:
     poller.register(fd, select.POLLIN)
     if timeout is None:
         return bool(poller.poll())
-    # poll() takes at most 2**31 - 1 ms; a longer wait ends early, and the
-    # caller, which keeps its own deadline, asks again.
-    return bool(poller.poll(min(math.ceil(timeout * 1000), 2**31 - 1)))
+    return bool(poller.poll(poll_ms(timeout)))
 
 
 class PopenInstance:
