@@ -690,6 +690,7 @@ def test_a_worker_forked_after_its_spawn_timed_out_is_stopped(
     tmp_path: Path,
     wait_until: Callable[..., None],
     caplog: pytest.LogCaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
     hook: str,
     released: str,
     answered_late: bool,
@@ -704,6 +705,11 @@ def test_a_worker_forked_after_its_spawn_timed_out_is_stopped(
     gone when it runs, or, held as it forks, is killed by the kernel with
     its parent (PR_SET_PDEATHSIG)."""
     spawner, socket_dir = smart
+    if answered_late:
+        # The answer comes as soon as the gate opens; the 2 s it is waited
+        # for are the code's, and a loaded machine (this test's own wait
+        # spinning on the GIL) must not make it miss them.
+        monkeypatch.setattr(smart_module, "LATE_ANSWER_WAIT", 30.0)
     app = write_app(tmp_path / "app", HELD_FORK_APP.replace("HOOK", repr(hook)))
     first = spawner.spawn(SpawnRequest(1, app, socket_dir, 30.0, me()))
     gate = tmp_path / "app" / "gate"
