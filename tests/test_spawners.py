@@ -652,9 +652,12 @@ GATE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "gate")
 
 def held():
     # Once the test has made the gate (a FIFO), a fork waits until the test
-    # lets it go on: a fork slower than its spawn's deadline.
+    # lets it go on: a fork slower than its spawn's deadline. One byte a
+    # fork, read unbuffered: a buffered read(1) takes all that is there, and
+    # leaves none for the next process held (the first spawn's worker too,
+    # which may run this hook only after the gate is made).
     if os.path.exists(GATE):
-        with open(GATE, "rb") as gate:
+        with open(GATE, "rb", buffering=0) as gate:
             gate.read(1)
 
 # In the child of each fork (the middle process, then the worker), before
