@@ -751,6 +751,59 @@ def test_a_worker_forked_after_its_spawn_timed_out_is_stopped(
         first.wait()
 
 
+def pidfds_of(pid: int) -> list[int]:
+    """This process's descriptors that are pidfds of ``pid``."""
+    found = []
+    for entry in os.listdir("/proc/self/fdinfo"):
+        with contextlib.suppress(OSError), open(f"/proc/self/fdinfo/{entry}") as info:
+            if f"Pid:\t{pid}\n" in info.read():
+                found.append(int(entry))
+    return found
+
+
+def test_a_late_worker_that_does_not_stop_is_let_go(
+    smart: tuple[SmartSpawner, str],
+    tmp_path: Path,
+    wait_until: Callable[..., None],
+    caplog: pytest.LogCaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A worker forked after its spawn timed out that does not stop in time
+    (one stuck in the kernel) is given up on: its pidfd is closed, not kept
+    open until the server exits."""
+    spawner, socket_dir = smart
+    monkeypatch.setattr(smart_module, "LATE_ANSWER_WAIT", 30.0)
+    wait_for = smart_module.PidfdInstance.wait_for
+
+    def never_in_time(instance: Any, timeout: float | None) -> bool:
+        return False if timeout is not None else wait_for(instance, timeout)
+
+    monkeypatch.setattr(smart_module.PidfdInstance, "wait_for", never_in_time)
+    app = write_app(tmp_path / "app", HELD_FORK_APP.replace("HOOK", "'after_in_child'"))
+    first = spawner.spawn(SpawnRequest(1, app, socket_dir, 30.0, me()))
+    os.mkfifo(tmp_path / "app" / "gate")
+    keeper = os.open(tmp_path / "app" / "gate", os.O_RDWR)
+    try:
+        assert spawner._live is not None
+        preloader = spawner._live.preloaders[app]
+        assert preloader._process is not None
+        with pytest.raises(SpawnError, match="did not fork in time"):
+            spawner.spawn(SpawnRequest(2, app, socket_dir, 0.3, me()))
+        os.write(keeper, b"go" * 4)
+        wait_until(
+            lambda: not alive(preloader._process.pid),  # type: ignore[union-attr]
+            timeout=10,
+            what="the slow preloader stopped",
+        )
+        orphan = int(caplog.text.split("stopping worker ")[1].split(",")[0])
+        assert "did not stop" in caplog.text
+        assert pidfds_of(orphan) == []
+    finally:
+        os.close(keeper)
+        first.stop()
+        first.wait()
+
+
 def test_a_preloader_whose_fork_timed_out_takes_no_other_fork(
     smart: tuple[SmartSpawner, str],
     tmp_path: Path,

@@ -296,14 +296,22 @@ class PidfdInstance:
         # let go of it is the server's to reap.
         with contextlib.suppress(ChildProcessError):
             os.waitid(os.P_PIDFD, self._pidfd, os.WEXITED | os.WNOHANG)
+        self.forget()
+        with contextlib.suppress(OSError):
+            os.unlink(self.address)
+        return True
+
+    def forget(self) -> None:
+        """Let go of the process (once it has exited, or when it will not):
+        its pidfd is closed, and a SIGKILL :meth:`stop` has timed is not
+        sent. Neither waits nor signals are possible after it."""
         with self._lock:
+            if self._exited:
+                return
             self._exited = True
             if self._killer is not None:
                 self._killer.cancel()
             os.close(self._pidfd)
-        with contextlib.suppress(OSError):
-            os.unlink(self.address)
-        return True
 
     def _signal(self, signum: int) -> None:
         with self._lock:

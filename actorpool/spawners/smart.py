@@ -500,6 +500,7 @@ class _Preloader:
                         logger.error(
                             "%s: worker %d did not stop", self.app_root, reply[1]
                         )
+                        orphan.forget()
         finally:
             with self._state:
                 self._fork_under_way = False
