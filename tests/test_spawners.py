@@ -804,6 +804,48 @@ def test_a_late_worker_that_does_not_stop_is_let_go(
         first.wait()
 
 
+def test_a_late_fork_with_no_thread_to_wait_for_it_kills_the_preloader(
+    smart: tuple[SmartSpawner, str],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """When no thread can be started to wait for a timed-out fork's answer,
+    the spawn still fails with a SpawnError, the fork lock is let go, and
+    the preloader is killed at once. Before, the thread's RuntimeError
+    escaped and the lock stayed held for ever, with the preloader running."""
+    spawner, socket_dir = smart
+    _, instances, stuck, pid = first_spawn(spawner, socket_dir, tmp_path)
+
+    class NoLateThread:
+        def __getattr__(self, name: str) -> Any:
+            return getattr(threading, name)
+
+        @staticmethod
+        def Thread(**kwargs: Any) -> threading.Thread:
+            thread = threading.Thread(**kwargs)
+            if thread.name == "actorpool-preloader-late":
+
+                def refuse() -> None:
+                    raise RuntimeError("can't start new thread")
+
+                thread.start = refuse  # type: ignore[method-assign]
+            return thread
+
+    monkeypatch.setattr(smart_module, "threading", NoLateThread())
+    os.kill(pid, signal.SIGSTOP)  # answers no fork
+    try:
+        with pytest.raises(SpawnError, match="did not fork in time"):
+            stuck.fork(os.path.join(socket_dir, "a.sock"), time.monotonic() + 0.2)
+        assert not alive(pid)
+        # Free, once the reaper stop() started has had it for a moment.
+        assert stuck._forking.acquire(timeout=10)
+        stuck._forking.release()
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+        stop_all(instances)
+
+
 def test_a_preloader_whose_fork_timed_out_takes_no_other_fork(
     smart: tuple[SmartSpawner, str],
     tmp_path: Path,

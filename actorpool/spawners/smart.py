@@ -398,13 +398,23 @@ class _Preloader:
             if late:
                 # The fork lock and the socket go to the thread that waits
                 # for the answer; the spawn fails now.
-                threading.Thread(
-                    target=self._collect_late,
-                    args=(address,),
-                    name="actorpool-preloader-late",
-                    daemon=True,
-                ).start()
-            else:
+                try:
+                    threading.Thread(
+                        target=self._collect_late,
+                        args=(address,),
+                        name="actorpool-preloader-late",
+                        daemon=True,
+                    ).start()
+                except RuntimeError:  # no thread to be had (a thread limit)
+                    # Nobody waits for the answer, then: the preloader is
+                    # killed below, as if the answer had not come in time.
+                    logger.error("%s: no thread to wait for a late fork", self.app_root)
+                    late = False
+                    with self._state:
+                        self._fork_under_way = False
+                        if self._stopped:
+                            self._shutdown()
+            if not late:
                 self._forking.release()
         if late:
             raise SpawnError(f"the preloader of {self.app_root} {broken}")
