@@ -20,6 +20,7 @@ import termios
 import textwrap
 import threading
 import time
+import traceback
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -843,6 +844,74 @@ def test_a_late_fork_with_no_thread_to_wait_for_it_kills_the_preloader(
     finally:
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)
+        stop_all(instances)
+
+
+def test_join_waits_for_a_reaper_another_thread_is_still_starting(
+    smart: tuple[SmartSpawner, str],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    wait_until: Callable[..., None],
+) -> None:
+    """The spawner's close() joins a preloader that another thread (a late
+    fork's collector) is still stopping. join() used to raise "cannot join
+    thread before it is started" when it came between the reaper's creation
+    and its start, and returned at once, before the reaper's work, when it
+    came earlier."""
+    spawner, socket_dir = smart
+    _, instances, preloader, _ = first_spawn(spawner, socket_dir, tmp_path)
+    starting = threading.Event()
+    go_on = threading.Event()
+
+    class HeldReaper:
+        def __getattr__(self, name: str) -> Any:
+            return getattr(threading, name)
+
+        @staticmethod
+        def Thread(**kwargs: Any) -> threading.Thread:
+            thread = threading.Thread(**kwargs)
+            if thread.name == "actorpool-preloader-reap":
+                start = thread.start
+
+                def held_start() -> None:
+                    starting.set()
+                    go_on.wait(10)
+                    start()
+
+                thread.start = held_start  # type: ignore[method-assign]
+            return thread
+
+    monkeypatch.setattr(smart_module, "threading", HeldReaper())
+    stopper = threading.Thread(target=lambda: preloader.stop(kill=True))
+    stopper.start()
+    try:
+        assert starting.wait(10)
+        failures: list[BaseException] = []
+
+        def join() -> None:
+            try:
+                preloader.join()
+            except BaseException as exc:
+                failures.append(exc)
+
+        joiner = threading.Thread(target=join)
+        joiner.start()
+        # It either fails at once (before the fix) or waits for the reaper.
+        wait_until(
+            lambda: (
+                not joiner.is_alive()
+                or "wait"
+                in traceback.format_stack(sys._current_frames()[joiner.ident])[-1]
+            ),
+            what="join() to fail or to wait",
+        )
+        go_on.set()
+        joiner.join(10)
+        assert failures == []
+        assert preloader._control.fileno() == -1  # the reaper's work is done
+    finally:
+        go_on.set()
+        stopper.join(10)
         stop_all(instances)
 
 

@@ -246,7 +246,8 @@ class _Preloader:
         self._last_used = time.monotonic()
         self._timer: threading.Timer | None = None
         self._loader: threading.Thread | None = None
-        self._reaper: threading.Thread | None = None
+        self._reaped = threading.Event()
+        """Set when the reaper that the first stop() starts is done."""
         self.users = 0
         """Spawns that hold it, waiting for it to load or forking: while any
         does, it is not idle. Changed under the spawner's lock."""
@@ -463,18 +464,20 @@ class _Preloader:
             self._process.kill()
             self._process.wait()
         if first and self._process is not None:
-            self._reaper = threading.Thread(
+            threading.Thread(
                 target=self._reap, name="actorpool-preloader-reap", daemon=True
-            )
-            self._reaper.start()
+            ).start()
 
     def join(self) -> None:
-        """Wait (a bounded time) for the process to exit."""
+        """Wait (a bounded time) for the process to exit and, once stopped,
+        for its reaper."""
         if self._process is not None:
             with contextlib.suppress(subprocess.TimeoutExpired):
                 self._process.wait(KILL_GRACE * 2)
-        if self._reaper is not None:
-            self._reaper.join(KILL_GRACE)
+            # An event, not the reaper thread: another thread's stop() may
+            # be killing the process and not have started the reaper yet.
+            if self._stopped:
+                self._reaped.wait(KILL_GRACE)
 
     def _collect_late(self, address: str) -> None:
         """After a fork timed out (holding the fork lock, fork under way):
@@ -534,19 +537,22 @@ class _Preloader:
     def _reap(self) -> None:
         assert self._process is not None
         assert self._loader is not None
-        with self._forking:  # a fork under way has its spawn's deadline
-            pass
         try:
-            self._process.wait(KILL_GRACE)
-        except subprocess.TimeoutExpired:
-            self._process.kill()
-            self._process.wait()
-        # Nothing reads the socket any more: the loader has returned (the
-        # shutdown woke it, if the load was not over), no fork can start
-        # (they see it stopped), and one that began first held this lock.
-        self._loader.join()
-        with self._forking:
-            self._control.close()
+            with self._forking:  # a fork under way has its spawn's deadline
+                pass
+            try:
+                self._process.wait(KILL_GRACE)
+            except subprocess.TimeoutExpired:
+                self._process.kill()
+                self._process.wait()
+            # Nothing reads the socket any more: the loader has returned (the
+            # shutdown woke it, if the load was not over), no fork can start
+            # (they see it stopped), and one that began first held this lock.
+            self._loader.join()
+            with self._forking:
+                self._control.close()
+        finally:
+            self._reaped.set()
 
     def _await_ready(self) -> None:
         assert self._process is not None
