@@ -87,9 +87,9 @@ def wait_until(
 ) -> None:
     """Re-check ``predicate`` until it holds or ``timeout`` passes.
 
-    For state only reachable by asking (the pool's statistics); each check is
-    a round trip to the server, so this loop waits on the server, not on a
-    sleep.
+    For state only reachable by asking (the pool's statistics, a process's
+    entry in /proc): each check is a round trip to the server or a read of
+    the kernel's state, so this loop waits on those, not on a sleep.
     """
     deadline = time.monotonic() + timeout
     while not predicate():
@@ -97,6 +97,9 @@ def wait_until(
             raise AssertionError(
                 f"timed out after {timeout} s waiting for {what}\n{thread_stacks()}"
             )
+        # Lets the threads and processes it waits on have the GIL and the
+        # core: on a two-core machine a loop that never lets go slows them.
+        os.sched_yield()
 
 
 def thread_stacks() -> str:
