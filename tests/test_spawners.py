@@ -805,6 +805,25 @@ def test_a_late_worker_that_does_not_stop_is_let_go(
         first.wait()
 
 
+class ThreadStarts:
+    """Stands in for the ``threading`` module in the module under test: a
+    thread named ``name`` is started through ``start(real_start)``."""
+
+    def __init__(self, name: str, start: Callable[[Callable[[], None]], None]):
+        self._name = name
+        self._start = start
+
+    def __getattr__(self, attribute: str) -> Any:
+        return getattr(threading, attribute)
+
+    def Thread(self, **kwargs: Any) -> threading.Thread:
+        thread = threading.Thread(**kwargs)
+        if thread.name == self._name:
+            real_start = thread.start
+            thread.start = lambda: self._start(real_start)  # type: ignore[method-assign]
+        return thread
+
+
 def test_a_late_fork_with_no_thread_to_wait_for_it_kills_the_preloader(
     smart: tuple[SmartSpawner, str],
     tmp_path: Path,
@@ -817,22 +836,12 @@ def test_a_late_fork_with_no_thread_to_wait_for_it_kills_the_preloader(
     spawner, socket_dir = smart
     _, instances, stuck, pid = first_spawn(spawner, socket_dir, tmp_path)
 
-    class NoLateThread:
-        def __getattr__(self, name: str) -> Any:
-            return getattr(threading, name)
+    def refuse(_start: Callable[[], None]) -> None:
+        raise RuntimeError("can't start new thread")
 
-        @staticmethod
-        def Thread(**kwargs: Any) -> threading.Thread:
-            thread = threading.Thread(**kwargs)
-            if thread.name == "actorpool-preloader-late":
-
-                def refuse() -> None:
-                    raise RuntimeError("can't start new thread")
-
-                thread.start = refuse  # type: ignore[method-assign]
-            return thread
-
-    monkeypatch.setattr(smart_module, "threading", NoLateThread())
+    monkeypatch.setattr(
+        smart_module, "threading", ThreadStarts("actorpool-preloader-late", refuse)
+    )
     os.kill(pid, signal.SIGSTOP)  # answers no fork
     try:
         with pytest.raises(SpawnError, match="did not fork in time"):
@@ -863,25 +872,14 @@ def test_join_waits_for_a_reaper_another_thread_is_still_starting(
     starting = threading.Event()
     go_on = threading.Event()
 
-    class HeldReaper:
-        def __getattr__(self, name: str) -> Any:
-            return getattr(threading, name)
+    def held(start: Callable[[], None]) -> None:
+        starting.set()
+        go_on.wait(10)
+        start()
 
-        @staticmethod
-        def Thread(**kwargs: Any) -> threading.Thread:
-            thread = threading.Thread(**kwargs)
-            if thread.name == "actorpool-preloader-reap":
-                start = thread.start
-
-                def held_start() -> None:
-                    starting.set()
-                    go_on.wait(10)
-                    start()
-
-                thread.start = held_start  # type: ignore[method-assign]
-            return thread
-
-    monkeypatch.setattr(smart_module, "threading", HeldReaper())
+    monkeypatch.setattr(
+        smart_module, "threading", ThreadStarts("actorpool-preloader-reap", held)
+    )
     stopper = threading.Thread(target=lambda: preloader.stop(kill=True))
     stopper.start()
     try:
