@@ -108,6 +108,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ConfigError, ActorPoolError) as exc:
         print(f"actorpool: {exc}", file=sys.stderr)
         return 2
+    except OSError as exc:  # an address in use, a directory that cannot be made
+        print(f"actorpool: {exc}", file=sys.stderr)
+        return 1
     return result
 
 

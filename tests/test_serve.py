@@ -9,7 +9,9 @@ import http.client
 import json
 import os
 import re
+import select
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -452,7 +454,7 @@ def test_status_finds_the_only_running_serve(
 
 
 def test_metrics_are_scraped(serve: Callable[..., Serve], tmp_path: Path) -> None:
-    with contextlib.closing(__import__("socket").socket()) as probe:
+    with contextlib.closing(socket.socket()) as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
     running = serve(
@@ -503,3 +505,121 @@ def test_the_pool_server_dying_stops_serve_with_status_1(
     os.kill(server_pid, signal.SIGKILL)
     assert running.process.wait(timeout=30) == 1
     wait_for(lambda: not processes_in(tmp_path), "the app processes to go", 2)
+
+
+def status_reply(sock: socket.socket, deadline: float) -> bytes:
+    """What the status socket answers, read by ``deadline``."""
+    data = b""
+    while (remaining := deadline - time.monotonic()) > 0:
+        sock.settimeout(remaining)
+        chunk = sock.recv(65536)
+        if not chunk:
+            return data
+        data += chunk
+    raise AssertionError(f"no full reply by the deadline: {data!r}")
+
+
+def test_a_bad_or_slow_status_client_costs_the_master_nothing(
+    serve: Callable[..., Serve], tmp_path: Path
+) -> None:
+    running = serve(write_app(tmp_path / "hello"))
+    # JSON nested deeper than the parser's stack: before, the master died of
+    # the RecursionError and left its workers running.
+    with socket.socket(socket.AF_UNIX) as sock:
+        sock.connect(running.status_socket)
+        sock.sendall(b"[" * 60000 + b"\n")
+        reply = json.loads(status_reply(sock, time.monotonic() + 30))
+    assert reply["error"].startswith("bad request")
+    # A byte now and then: before, each byte gave the client its 5 s again,
+    # and the master answered nobody else (nor signals) for as long as it
+    # went on. Now the whole request has a deadline.
+    with socket.socket(socket.AF_UNIX) as sock:
+        sock.connect(running.status_socket)
+        give_up = time.monotonic() + 30
+        answered = False
+        while not answered and time.monotonic() < give_up:
+            sock.sendall(b" ")
+            # Waits for the master's answer, and paces the bytes.
+            answered = bool(select.select([sock], [], [], 0.5)[0])
+        assert answered, "the master still reads the trickle after 30 s"
+        assert b"bad request" in status_reply(sock, time.monotonic() + 30)
+    assert running.status()["count"] == 0
+    assert running.request("/")[0] == 200
+
+
+def test_a_port_in_use_is_a_clear_error(
+    serve: Callable[..., Serve], tmp_path: Path
+) -> None:
+    """SO_REUSEPORT let a second serve (of the same user) bind the port of a
+    running one and take half its clients."""
+    app = write_app(tmp_path / "hello")
+    running = serve(app)
+    for option in ("--bind", "--metrics-bind"):
+        second = subprocess.Popen(
+            [
+                *(sys.executable, "-m", "actorpool", "serve", app),
+                *("--runtime-dir", os.fspath(tmp_path / "run2")),
+                *("--bind", "127.0.0.1:0", option, f"127.0.0.1:{running.port}"),
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        try:
+            _, err = second.communicate(timeout=30)
+        finally:
+            if second.poll() is None:
+                second.kill()
+                second.communicate()
+        assert second.returncode == 2
+        assert f"cannot listen on 127.0.0.1:{running.port}" in err
+        assert "Traceback" not in err
+
+
+def test_an_unusable_runtime_dir_is_a_clear_error(tmp_path: Path) -> None:
+    result = subprocess.run(
+        [
+            *(sys.executable, "-m", "actorpool", "serve", "--bind", "127.0.0.1:0"),
+            *("--runtime-dir", "/proc/actorpool", write_app(tmp_path / "hello")),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert result.returncode == 2
+    assert "cannot use /proc/actorpool as the runtime directory" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+@pytest.mark.skipif(not socket.has_ipv6, reason="no IPv6")
+def test_serve_binds_an_ipv6_address(tmp_path: Path) -> None:
+    try:
+        socket.create_server(("::1", 0), family=socket.AF_INET6).close()
+    except OSError:
+        pytest.skip("no IPv6 loopback")
+    process = subprocess.Popen(
+        [
+            *(sys.executable, "-m", "actorpool", "serve", "--bind", "[::1]:0"),
+            *("--runtime-dir", os.fspath(tmp_path / "run")),
+            write_app(tmp_path / "hello"),
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+    )
+    try:
+        assert process.stdout is not None
+        first = process.stdout.readline()
+        match = re.search(r"http://\[::1\]:(\d+)/", first)
+        assert match, first
+        conn = http.client.HTTPConnection("::1", int(match[1]), timeout=30)
+        try:
+            conn.request("GET", "/")
+            assert conn.getresponse().status == 200
+        finally:
+            conn.close()
+    finally:
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=30) == 0
+        assert process.stdout is not None
+        process.stdout.close()

@@ -42,18 +42,26 @@ __all__ = ["ServeOptions", "default_runtime_dir", "serve"]
 
 logger = logging.getLogger("actorpool.frontend")
 
-STATUS_TIMEOUT = 5.0
-"""Seconds a status client may take to send its request."""
+STATUS_TIMEOUT = 2.0
+"""Seconds a status client may take to send its whole request line: the
+master answers nothing else meanwhile (signals, dead workers), so a client
+that sends a byte now and then must not hold it longer."""
 
 KILL_AFTER_GRACE = 5.0
 """Seconds past the grace period after which stopping workers are killed."""
 
 HEALTHY_LIFETIME = 5.0
-"""Seconds a worker must live for its death to be made up for at once."""
+"""Seconds a worker (or the metrics process) must live for its death to be
+made up for at once."""
 RESTART_DELAYS = (0.1, 0.5, 1.0, 2.0, 5.0)
 """Waits before replacing a worker that died young, one more step each
 time in a row: a worker that cannot start (say, --max-clients below
---workers) is not forked again in a tight loop."""
+--workers) is not forked again in a tight loop; nor is a metrics process
+that cannot bind its address."""
+
+METRICS_SLOT = -1
+"""The metrics process's slot among the workers' (0, 1, ...), for the
+bookkeeping of deaths and replacements they share."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -91,11 +99,32 @@ def private_dir(path: str) -> str:
 
 def serve(options: ServeOptions) -> int:
     """Run until SIGTERM or SIGINT; the exit status."""
-    master = _Master(options, _listeners(options.host, options.port, options.workers))
+    listeners = _listen(options.host, options.port, options.workers)
+    try:
+        if options.metrics is not None:
+            # Checked here, where it can stop the start: the metrics process
+            # binds it again itself.
+            _listen(*options.metrics, 1)[0].close()
+        master = _Master(options, listeners)
+    except BaseException:
+        for listener in listeners:
+            listener.close()
+        raise
     try:
         return master.run()
     finally:
         master.close()
+
+
+def _listen(host: str, port: int, count: int) -> list[socket.socket]:
+    """:func:`_listeners`, failing with an error that names the address."""
+    try:
+        return _listeners(host, port, count)
+    except OSError as exc:
+        where = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+        raise ActorPoolError(
+            f"cannot listen on {where}: {exc.strerror or exc}"
+        ) from exc
 
 
 def _listeners(host: str, port: int, count: int) -> list[socket.socket]:
@@ -105,13 +134,24 @@ def _listeners(host: str, port: int, count: int) -> list[socket.socket]:
     one shared socket, the worker that happened to be waiting took every
     client of a burst, and with it all the work, leaving the other cores idle.
     """
-    first = socket.create_server((host, port), backlog=1024, reuse_port=True)
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    if port:
+        # SO_REUSEPORT would let this serve share a port another one (of
+        # the same user) listens on, and take half its clients: a bind
+        # without it fails with EADDRINUSE there.
+        with socket.create_server((host, port), family=family):
+            pass
+    first = socket.create_server(
+        (host, port), family=family, backlog=1024, reuse_port=True
+    )
     port = first.getsockname()[1]  # the one chosen, for port 0
     listeners = [first]
     try:
         for _ in range(count - 1):
             listeners.append(
-                socket.create_server((host, port), backlog=1024, reuse_port=True)
+                socket.create_server(
+                    (host, port), family=family, backlog=1024, reuse_port=True
+                )
             )
     except BaseException:
         for listener in listeners:
@@ -134,9 +174,13 @@ class _Master:
         self.status_code = 0
         self.server: ApplicationPoolServer | None = None
         self.status: socket.socket | None = None
-        self.status_path = os.path.join(
-            private_dir(options.runtime_dir), f"serve-{os.getpid()}.sock"
-        )
+        try:
+            directory = private_dir(options.runtime_dir)
+        except OSError as exc:
+            raise ActorPoolError(
+                f"cannot use {options.runtime_dir} as the runtime directory: {exc}"
+            ) from exc
+        self.status_path = os.path.join(directory, f"serve-{os.getpid()}.sock")
         self.wake_r, self.wake_w = os.pipe()
 
     def run(self) -> int:
@@ -147,8 +191,15 @@ class _Master:
         self.server = ApplicationPoolServer(
             self.options.pool, spawner=self.options.spawner
         )
-        self.status = _listen_private(self.status_path)
+        try:
+            self.status = _listen_private(self.status_path)
+        except OSError as exc:  # a path too long for a Unix socket, say
+            raise ActorPoolError(
+                f"cannot make the status socket {self.status_path}: {exc}"
+            ) from exc
         host, port = self.listeners[0].getsockname()[:2]
+        if ":" in host:
+            host = f"[{host}]"
         print(
             f"actorpool serve: http://{host}:{port}/ (master pid {os.getpid()}, "
             f"pool server pid {self.server.pid})\n"
@@ -159,18 +210,23 @@ class _Master:
             self._fork_worker(slot)
         if self.options.metrics is not None:
             self._fork_metrics()
-        while not self.stopping:
-            status_fd = self.status.fileno()
-            timeout = None
-            if self.due:
-                timeout = max(0.0, min(self.due.values()) - time.monotonic())
-            readable, _, _ = select.select([self.wake_r, status_fd], [], [], timeout)
-            self._replace_due_workers()
-            if status_fd in readable:
-                self._answer_status()
-            if self.wake_r in readable:
-                self._on_signals(os.read(self.wake_r, 512))
-        self._stop_children()
+        try:
+            while not self.stopping:
+                status_fd = self.status.fileno()
+                timeout = None
+                if self.due:
+                    timeout = max(0.0, min(self.due.values()) - time.monotonic())
+                readable, _, _ = select.select(
+                    [self.wake_r, status_fd], [], [], timeout
+                )
+                self._replace_due_workers()
+                if status_fd in readable:
+                    self._answer_status()
+                if self.wake_r in readable:
+                    self._on_signals(os.read(self.wake_r, 512))
+        finally:
+            # Whatever ended the loop, no worker outlives the master.
+            self._stop_children()
         return self.status_code
 
     def close(self) -> None:
@@ -219,8 +275,7 @@ class _Master:
             elif pid == self.metrics_pid:
                 self.metrics_pid = 0
                 if not self.stopping:
-                    logger.warning("metrics process %d exited; restarting", pid)
-                    self._fork_metrics()
+                    self._schedule_replacement(METRICS_SLOT, pid, status)
 
     def _schedule_replacement(self, slot: int, pid: int, status: int) -> None:
         if time.monotonic() - self.started_at[slot] >= HEALTHY_LIFETIME:
@@ -229,8 +284,13 @@ class _Master:
         else:
             deaths = self.young_deaths[slot] = self.young_deaths.get(slot, 0) + 1
             delay = RESTART_DELAYS[min(deaths, len(RESTART_DELAYS)) - 1]
+        what = "metrics process" if slot == METRICS_SLOT else "worker"
         logger.warning(
-            "worker %d exited (%s); starting another in %g s", pid, _how(status), delay
+            "%s %d exited (%s); starting another in %g s",
+            what,
+            pid,
+            _how(status),
+            delay,
         )
         self.due[slot] = time.monotonic() + delay
 
@@ -239,7 +299,10 @@ class _Master:
         for slot, when in sorted(self.due.items()):
             if when <= now and not self.stopping:
                 del self.due[slot]
-                self._fork_worker(slot)
+                if slot == METRICS_SLOT:
+                    self._fork_metrics()
+                else:
+                    self._fork_worker(slot)
 
     def _restart_all(self) -> None:
         assert self.server is not None
@@ -292,6 +355,7 @@ class _Master:
             finally:
                 _exit(status)
         self.metrics_pid = pid
+        self.started_at[METRICS_SLOT] = time.monotonic()
 
     def _run_metrics(self) -> int:
         from actorpool.frontend.metrics import serve_metrics
@@ -347,15 +411,19 @@ class _Master:
         except OSError:
             return
         with conn:
-            conn.settimeout(STATUS_TIMEOUT)
+            deadline = time.monotonic() + STATUS_TIMEOUT
             try:
-                request = json.loads(_read_line(conn))
-                reply = self._status_request(request)
-            except (OSError, ValueError) as exc:
-                reply = {"error": f"bad request: {exc}"}
-            except ActorPoolError as exc:
-                reply = {"error": str(exc)}
+                request = json.loads(_read_line(conn, deadline))
+            # RecursionError: JSON nested deeper than the parser's stack.
+            except (OSError, ValueError, RecursionError) as exc:
+                reply: dict[str, Any] = {"error": f"bad request: {exc}"}
+            else:
+                try:
+                    reply = self._status_request(request)
+                except ActorPoolError as exc:
+                    reply = {"error": str(exc)}
             with contextlib.suppress(OSError):
+                conn.settimeout(max(0.0, deadline - time.monotonic()))
                 conn.sendall(json.dumps(reply).encode() + b"\n")
 
     def _status_request(self, request: Any) -> dict[str, Any]:
@@ -434,9 +502,14 @@ def _listen_private(path: str) -> socket.socket:
     return sock
 
 
-def _read_line(conn: socket.socket, limit: int = 65536) -> bytes:
+def _read_line(conn: socket.socket, deadline: float, limit: int = 65536) -> bytes:
+    """One line from ``conn``, all of it by ``deadline`` (else TimeoutError)."""
     data = b""
     while not data.endswith(b"\n"):
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise TimeoutError("the request took too long")
+        conn.settimeout(remaining)
         chunk = conn.recv(4096)
         if not chunk:
             break

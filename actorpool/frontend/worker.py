@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import errno
 import logging
 import os
 import selectors
@@ -32,6 +33,12 @@ from actorpool.server import ApplicationPoolServer
 __all__ = ["WorkerOptions", "run_worker"]
 
 logger = logging.getLogger("actorpool.frontend")
+
+ACCEPT_PAUSE = 0.5
+"""Seconds a worker stops accepting after running out of descriptors or
+memory: the clients it serves go on, and free some as they finish."""
+
+_OUT_OF_RESOURCES = {errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -105,8 +112,23 @@ class _Worker:
                         return
                 try:
                     conn, address = self._listener.accept()
-                except (BlockingIOError, InterruptedError):
-                    self._free.release()  # a sibling took it
+                except (BlockingIOError, InterruptedError, ConnectionAbortedError):
+                    self._free.release()  # a sibling took it, or it left
+                    continue
+                except OSError as exc:
+                    if exc.errno not in _OUT_OF_RESOURCES:
+                        raise
+                    # Not this worker's end: the clients it serves go on, and
+                    # new ones wait in the queue meanwhile.
+                    self._free.release()
+                    logger.error(
+                        "worker %d: cannot accept (%s); pausing %g s",
+                        os.getpid(),
+                        exc.strerror,
+                        ACCEPT_PAUSE,
+                    )
+                    if _stop_signalled_within(wake_fd, ACCEPT_PAUSE):
+                        return
                     continue
                 self._start(conn, address)
 
@@ -125,7 +147,14 @@ class _Worker:
             name="actorpool-client",
             daemon=True,
         )
-        thread.start()
+        try:
+            thread.start()
+        except RuntimeError as exc:  # no thread to be had: this client only
+            logger.error("worker %d: cannot serve a client: %s", os.getpid(), exc)
+            conn.close()
+            with self._lock:
+                self._connections.discard(conn)
+            self._free.release()
 
     def _serve(self, conn: socket.socket, address: str) -> None:
         try:
@@ -173,6 +202,17 @@ def _stop_signalled(wake_fd: int) -> bool:
     except BlockingIOError:
         return False
     return any(signum in (signal.SIGTERM, signal.SIGINT) for signum in data)
+
+
+def _stop_signalled_within(wake_fd: int, seconds: float) -> bool:
+    """Wait up to ``seconds`` for a stop signal on the wakeup fd."""
+    deadline = time.monotonic() + seconds
+    while (remaining := deadline - time.monotonic()) > 0:
+        with selectors.DefaultSelector() as selector:
+            selector.register(wake_fd, selectors.EVENT_READ)
+            if selector.select(remaining) and _stop_signalled(wake_fd):
+                return True
+    return False
 
 
 def _address_string(address: object) -> str:
