@@ -1059,6 +1059,42 @@ def test_sigkill_of_the_server_stops_every_process(
         server.close()
 
 
+BUSY_APP = """
+import threading
+
+def application(environ, start_response):
+    open("in-the-app", "w").close()  # in its app root
+    stay = threading.Event()
+    threading.Thread(target=stay.wait).start()  # not a daemon
+    stay.wait()  # busy in the app's code for ever
+"""
+
+
+@pytest.mark.parametrize("make_spawner", SPAWNERS)
+def test_a_process_busy_in_the_app_does_not_outlive_the_server(
+    make_spawner: type[Spawner], tmp_path: Path, wait_until: Callable[..., None]
+) -> None:
+    """The serving loop watches the lifeline only between requests: a worker
+    busy in the app's code (with a thread of the app's own, which interpreter
+    shutdown would wait for) ran on after the server was gone."""
+    app = write_app(tmp_path / "busy", BUSY_APP)
+    server = ApplicationPoolServer(PoolConfig(user=me()), spawner=make_spawner())
+    try:
+        pool = server.connect()
+        session = pool.get(app)
+        session.socket.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        wait_until(
+            lambda: (tmp_path / "busy" / "in-the-app").exists(),
+            what="the request in the app",
+        )
+        os.kill(server.pid, signal.SIGKILL)
+        wait_until(lambda: not processes_in(tmp_path), timeout=10, what="all gone")
+        session.close()
+        pool.close()
+    finally:
+        server.close()
+
+
 CREATOR = """
 import sys
 from actorpool import ApplicationPoolServer, PoolConfig
@@ -1198,6 +1234,40 @@ def test_app_output_reaches_the_server_log_tagged_with_app_and_pid(
     server.close()
     err = capfd.readouterr().err
     assert f"{app} worker pid {pid}: loading the talkative app" in err
+
+
+@pytest.mark.parametrize("make_spawner", SPAWNERS)
+def test_what_an_app_prints_reaches_the_log_before_it_is_stopped(
+    make_spawner: type[Spawner],
+    serve: Callable[..., ApplicationPoolServer],
+    tmp_path: Path,
+    capfd: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """stdout is a pipe, which Python buffers by blocks: a line printed
+    without a flush waited for 8 KiB more, and was lost when the worker was
+    stopped (SIGTERM), the way workers end."""
+    monkeypatch.delenv("PYTHONUNBUFFERED", raising=False)
+    app = write_app(
+        tmp_path / "app",
+        "def application(environ, start_response):\n"
+        "    print('a request came')\n"
+        "    start_response('200 OK', [('Content-Length', '2')])\n"
+        "    return [b'hi']\n",
+    )
+    logger = logging.getLogger("actorpool")
+    level = logger.level
+    logger.setLevel(logging.INFO)  # the server takes its level from ours
+    try:
+        server = serve(make_spawner())
+    finally:
+        logger.setLevel(level)
+    pool = server.connect()
+    with pool.get(app) as session:
+        session.socket.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert session.socket.recv(100).startswith(b"HTTP/1.1 200")
+    server.close()
+    assert "a request came" in capfd.readouterr().err
 
 
 # --- privilege drop (the server runs as root) ---------------------------------------

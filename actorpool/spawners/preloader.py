@@ -34,6 +34,9 @@ import msgpack
 from actorpool.spawners._process import MAX_MESSAGE, die_with_parent, write_message
 from actorpool.spawners.worker import (
     LifelineWatch,
+    exit_now,
+    exit_with_lifeline,
+    line_buffered_output,
     listen,
     load_application,
     report_failure,
@@ -46,6 +49,7 @@ __all__ = ["main"]
 def main(argv: list[str]) -> int:
     """Run the preloader; see the module's docstring for the arguments."""
     app_root, control_fd, lifeline = argv[0], int(argv[1]), int(argv[2])
+    line_buffered_output()  # the workers it forks inherit it
     control = socket.socket(fileno=control_fd)
     try:
         with LifelineWatch(lifeline):
@@ -123,6 +127,7 @@ def _worker(
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
         os.setsid()  # its own group, so stopping it stops what it starts
         _tag_output()
+        exit_with_lifeline(lifeline)
         with listener:
             serve_forever(application, listener, lifeline=lifeline)
     except BaseException:
@@ -159,4 +164,4 @@ def _tag_output() -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+    exit_now(main(sys.argv[1:]))

@@ -31,6 +31,9 @@ from actorpool.spawners.wsgi import WSGIApp
 __all__ = [
     "LifelineWatch",
     "LoadError",
+    "exit_now",
+    "exit_with_lifeline",
+    "line_buffered_output",
     "listen",
     "load_application",
     "main",
@@ -100,9 +103,40 @@ class LifelineWatch:
         os.close(self._stop_w)
 
     def _watch(self) -> None:
-        readable, _, _ = select.select([self._lifeline, self._stop_r], [], [])
-        if self._lifeline in readable:
+        # poll, not select: the lifeline's number may be past 1024.
+        poller = select.poll()
+        poller.register(self._lifeline, select.POLLIN)
+        poller.register(self._stop_r, select.POLLIN)
+        if any(fd == self._lifeline for fd, _ in poller.poll()):
             os._exit(1)  # the server is gone: nobody is waiting for this app
+
+
+def exit_with_lifeline(lifeline: int) -> None:
+    """End the process as soon as the lifeline reaches end of file (the pool
+    server is gone), whatever it is doing then.
+
+    The serving loop watches the lifeline only between requests: a request
+    busy in the app's code, or threads the app started, would otherwise keep
+    the process alive after the server. A daemon thread watches it the
+    whole time.
+    """
+
+    def watch() -> None:
+        poller = select.poll()
+        poller.register(lifeline, select.POLLIN)
+        poller.poll()  # nobody writes to it: readable means end of file
+        exit_now(0)
+
+    threading.Thread(target=watch, name="actorpool-lifeline", daemon=True).start()
+
+
+def exit_now(status: int) -> None:
+    """Flush what the app printed and end the process at once, without
+    waiting for threads the app started (interpreter shutdown joins them)."""
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):
+            stream.flush()
+    os._exit(status)
 
 
 def listen(path: str) -> socket.socket:
@@ -137,10 +171,21 @@ def report_failure(fd: int, exc: BaseException) -> None:
         write_message(fd, ["error", text, trace])
 
 
+def line_buffered_output() -> None:
+    """Make stdout and stderr (pipes to the server's log) line-buffered: a
+    pipe's are block-buffered, which held what the app printed back until
+    8 KiB had piled up, and lost it when the process was stopped."""
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(AttributeError, ValueError):
+            stream.reconfigure(line_buffering=True)  # type: ignore[union-attr]
+
+
 def main(argv: list[str]) -> int:
     """Run the worker; see the module's docstring for the arguments."""
     from actorpool.spawners._process import write_message
     from actorpool.spawners.wsgi import serve_forever
+
+    line_buffered_output()
 
     app_root, socket_path, ready, lifeline = (
         argv[0],
@@ -157,13 +202,14 @@ def main(argv: list[str]) -> int:
         return 1
     write_message(ready, ["ready", os.getpid()])
     os.close(ready)
+    exit_with_lifeline(lifeline)
     with listener:
         serve_forever(application, listener, lifeline=lifeline)
     return 0
 
 
 def _entry() -> Any:
-    sys.exit(main(sys.argv[1:]))
+    exit_now(main(sys.argv[1:]))
 
 
 if __name__ == "__main__":
