@@ -25,10 +25,12 @@ The rules (design section 5):
 5. Waiters time out; a client that goes away leaves every queue and
    releases its sessions.
 6. Idle processes are reaped down to ``min_instances`` (retiring processes
-   do not count: they are on their way out); a process that has served
-   ``max_requests`` sessions is retired.
+   do not count: they are on their way out; nor do spawns in flight, which
+   may fail); a process that has served ``max_requests`` sessions is
+   retired.
 7. After a limit is lowered below the busy processes, each one that becomes
-   idle is stopped until the pool is back within its limits.
+   idle is stopped until the pool is back within its limits, before any
+   waiter can take it.
 
 One deliberate difference from the design text: when the pool is full, an
 idle process of another app may be stopped even when that app is at its
@@ -180,6 +182,16 @@ class _App:
         return sum(1 for i in self.instances.values() if not i.retiring)
 
     @property
+    def serving(self) -> int:
+        """Processes that serve now and stay (ready, not retiring): what
+        ``min_instances`` keeps. A spawn in flight may still fail."""
+        return sum(
+            1
+            for i in self.instances.values()
+            if i.state is _State.READY and not i.retiring
+        )
+
+    @property
     def pending_spawns(self) -> int:
         """Spawns under way that will serve this app's waiters."""
         return sum(
@@ -254,9 +266,9 @@ class Pool:
                 if instance.sessions == 0:
                     oldest = instance
                     break
-            # An idle process is live: with min_instances 0 no count is needed.
+            # With min_instances 0 no count is needed.
             if oldest is not None and (
-                not self.min_instances or app.live > self.min_instances
+                not self.min_instances or app.serving > self.min_instances
             ):
                 due = oldest.last_used + self.max_idle_time
                 if earliest is None or due < earliest:
@@ -374,12 +386,14 @@ class Pool:
             if any(w.client_id == client_id for w in app.waiters):
                 app.waiters = deque(w for w in app.waiters if w.client_id != client_id)
         decisions: list[Decision] = []
+        freed_app = None
         for session_id in [
             sid for sid, s in self._sessions.items() if s.client_id == client_id
         ]:
-            self._release(session_id, now, decisions)
+            freed_app = self._release(session_id, now, decisions) or freed_app
         self._forget_empty_apps()
-        self._dispatch(now, decisions)
+        # As for a close: the freed capacity goes to its own app first.
+        self._dispatch(now, decisions, freed_app)
         return decisions
 
     # --- events from the spawner ------------------------------------------
@@ -457,7 +471,7 @@ class Pool:
                     key=lambda i: i.last_used,
                 )
                 for instance in idle:
-                    if app.live <= self.min_instances:
+                    if app.serving <= self.min_instances:
                         break
                     # Computed as next_deadline() does, so that a tick at
                     # that deadline reaps (now - last_used may round below).
@@ -618,6 +632,10 @@ class Pool:
             self._trim(decisions)
             self._forget_empty_apps()
             return
+        # A process over a lowered limit that has just become idle is
+        # stopped before a waiter can take it (rule 7): under a steady queue
+        # it would never be idle again.
+        self._trim(decisions)
         # Apps with no process at all come first (the sort puts them at the
         # front), even before the waiters of a process that has just freed
         # up: that process may be evicted for them (rule 3).
@@ -625,7 +643,6 @@ class Pool:
             if app.live or not self._spawn_for(app, now, decisions):
                 break
         self._serve_from_room(now, decisions)
-        self._trim(decisions)
         for app in self._apps_wanting_spawns(freed_app):
             while self._wants_spawn(app):
                 if not self._spawn_for(app, now, decisions):
@@ -727,7 +744,7 @@ class Pool:
 
         def cost(instance: _Instance) -> tuple[bool, bool, float]:
             owner = self._apps[instance.app_root]
-            at_min = owner.live <= self.min_instances
+            at_min = owner.serving <= self.min_instances
             return (bool(owner.waiters), at_min, instance.last_used)
 
         victim = min(candidates, key=cost)

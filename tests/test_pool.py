@@ -765,3 +765,61 @@ def test_repr_names_the_counts() -> None:
     assert "count=2/2" in text
     assert "active=1" in text
     assert "waiting=1" in text
+
+
+# --- found in review (2026-12-02) ------------------------------------------------
+
+
+def test_a_lowered_limit_is_reached_while_a_queue_lasts() -> None:
+    """Rule 7 under load: a process over the lowered limit that becomes idle
+    is stopped, not handed to the next waiter (with a queue that never
+    empties it was never idle, and the pool stayed over the limit)."""
+    pool = make_pool(max_pool_size=3)
+    grants = [checkout(pool, A, 0.0) for _ in range(3)]
+    for rid in (10, 11, 12):
+        pool.get(2, rid, A, 1.0)
+    pool.set_max_pool_size(1, 2.0)
+    for now, grant in ((3.0, grants[0]), (4.0, grants[1])):
+        decisions = pool.close_session(1, grant.session_id, now)
+        assert Stop(grant.instance_id, "limit") in decisions
+        assert not only(decisions, Grant)
+    assert pool.count == 1
+    # The one left serves the queue.
+    decisions = pool.close_session(1, grants[2].session_id, 5.0)
+    assert one(decisions, Grant).instance_id == grants[2].instance_id
+
+
+def test_a_spawn_in_flight_does_not_count_towards_min_instances() -> None:
+    """Reaping counted a spawn under way as one of min_instances: the app's
+    only running process was reaped, and when the spawn failed the app had
+    none."""
+    pool = make_pool(max_pool_size=4, min_instances=1, max_idle_time=10)
+    first = checkout(pool, A, 0.0)
+    pool.get(1, 2, A, 1.0, timeout=0.5)  # spawns a second, then times out
+    pool.tick(1.5)
+    pool.close_session(1, first.session_id, 2.0)
+    assert pool.next_deadline() is None  # nothing to reap
+    assert pool.tick(12.0) == []
+    pool.spawn_failed(2, "boom", "", 13.0)
+    assert pool.count == 1
+
+
+def test_a_client_gone_frees_capacity_for_its_own_app_first() -> None:
+    """Rule 3 for a client that disconnects, as for one that closes: the
+    spawn its retiring process leaves room for goes to that process's app."""
+
+    def setup() -> tuple[Pool, Grant]:
+        pool = make_pool(max_pool_size=3, max_requests=2)
+        pool.close_session(9, checkout(pool, A, 0.0, client=9).session_id, 0.0)
+        second = one(pool.get(1, 1, A, 0.0), Grant)  # its last: retiring
+        checkout(pool, A, 0.0, client=9)
+        checkout(pool, C, 0.0, client=9)
+        pool.get(5, 11, C, 1.0)
+        pool.get(5, 12, A, 2.0)
+        return pool, second
+
+    pool, second = setup()
+    by_close = one(pool.close_session(1, second.session_id, 3.0), Spawn)
+    pool, second = setup()
+    by_gone = one(pool.client_gone(1, 3.0), Spawn)
+    assert by_close.app_root == by_gone.app_root == A

@@ -440,7 +440,7 @@ class PoolMachine(RuleBasedStateMachine):
         due = [g.deadline for g in self.waiting.values() if g.deadline is not None]
         if self.pool.max_idle_time > 0:
             for app in self.pool.statistics(self.now).apps:
-                live = sum(1 for p in app.processes if p.state != "retiring")
+                live = sum(1 for p in app.processes if p.state == "ready")
                 idle = [
                     p.idle
                     for p in app.processes
