@@ -1095,6 +1095,31 @@ def test_a_process_busy_in_the_app_does_not_outlive_the_server(
         server.close()
 
 
+def test_what_a_command_started_does_not_outlive_the_server(
+    tmp_path: Path, wait_until: Callable[..., None]
+) -> None:
+    """A command that is a wrapper (a shell that starts the server): the
+    supervisor stopped only the shell, and the server it had started ran on
+    after the pool server was gone."""
+    root = tmp_path / "wrapped"
+    write_command_app(root)
+    (root / "actorpool.toml").write_text(
+        'command = ["/bin/sh", "-c", "{python} server.py {socket} & wait"]\n'
+        '[env]\nGREETING = "command"\n'
+    )
+    server = ApplicationPoolServer(PoolConfig(user=me()), spawner=DirectSpawner())
+    try:
+        pool = server.connect()
+        with pool.get(os.fspath(root)) as session:
+            assert "command" in fetch(session)
+        assert len(processes_in(tmp_path)) == 3  # supervisor, shell, server
+        os.kill(server.pid, signal.SIGKILL)
+        wait_until(lambda: not processes_in(tmp_path), timeout=10, what="all gone")
+        pool.close()
+    finally:
+        server.close()
+
+
 CREATOR = """
 import sys
 from actorpool import ApplicationPoolServer, PoolConfig

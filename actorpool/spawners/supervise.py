@@ -10,9 +10,10 @@ the lifeline, so this small process stands between: it starts the command
 ``READY`` once the command's socket accepts a connection (``["error",
 text, ""]`` if the command exits first), then waits. When the lifeline
 reaches end of file, whether the command is ready yet or not, it stops the
-command; when the command exits, so does the supervisor. The command gets
-SIGKILL from the kernel if the supervisor itself is killed
-(``PR_SET_PDEATHSIG``).
+command; when the command exits, so does the supervisor. Either way, what
+the command started in its process group (a wrapper script's server, say)
+is stopped too. The command gets SIGKILL from the kernel if the supervisor
+itself is killed (``PR_SET_PDEATHSIG``).
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 
 from actorpool.spawners._process import (
     KILL_GRACE,
@@ -37,6 +39,9 @@ __all__ = ["main"]
 
 READY_POLL = 0.02
 """Seconds between two attempts to connect to a starting command's socket."""
+
+GROUP_POLL = 0.05
+"""Seconds between two looks at what is left of the process group."""
 
 
 def main(argv: list[str]) -> int:
@@ -84,6 +89,7 @@ def main(argv: list[str]) -> int:
             readable, _, _ = select.select([lifeline, pidfd], [], [])
             if pidfd in readable:
                 status: int = child.wait()
+                _stop_the_rest_of_the_group()  # what it left behind
                 return status & 0xFF
             if lifeline in readable:
                 _terminate(child)
@@ -100,12 +106,54 @@ def _accepts(path: str) -> bool:
 
 
 def _terminate(child: subprocess.Popen[bytes]) -> None:
-    child.terminate()
+    """Stop the command and whatever it started in this process group."""
+    # The group's SIGTERM is for the command's processes, not for us (the
+    # spawner's own stop sends it to the whole group as well).
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(0, signal.SIGTERM)
     try:
         child.wait(KILL_GRACE)
     except subprocess.TimeoutExpired:
         child.kill()
         child.wait()
+    _stop_the_rest_of_the_group()
+
+
+def _stop_the_rest_of_the_group() -> None:
+    """SIGTERM, then SIGKILL after :data:`KILL_GRACE`, to every other process
+    of this process group (the spawner started the supervisor in a session
+    of its own, and the command is in it): a command's children would
+    otherwise run on, untracked, after the command is gone."""
+    others = _others_in_group()
+    for pid in others:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + KILL_GRACE
+    while others and time.monotonic() < deadline:
+        time.sleep(GROUP_POLL)
+        others = _others_in_group()
+    for pid in others:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+
+
+def _others_in_group() -> list[int]:
+    """The running processes of this process group, this one left out."""
+    me, group = os.getpid(), os.getpgid(0)
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit() or int(entry) == me:
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as stat:
+                # After the command name: state, ppid, pgrp, ...
+                fields = stat.read().rsplit(")", 1)[1].split()
+        except OSError:  # gone meanwhile
+            continue
+        if int(fields[2]) == group and fields[0] != "Z":
+            found.append(int(entry))
+    return found
 
 
 def _die_with_parent(parent: int) -> None:
