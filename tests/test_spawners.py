@@ -33,7 +33,9 @@ from actorpool import ApplicationPoolServer, PoolConfig, Session, SpawnError
 from actorpool.spawner import Instance, Spawner, SpawnRequest
 from actorpool.spawners import DirectSpawner, SmartSpawner
 from actorpool.spawners import smart as smart_module
-from actorpool.spawners.direct import socket_path
+from actorpool.spawners._process import Lifeline
+from actorpool.spawners.approot import load_app_spec
+from actorpool.spawners.direct import socket_path, start_direct
 from actorpool.spawners.smart import _Preloader
 
 pytestmark = pytest.mark.slow
@@ -1118,6 +1120,27 @@ def test_what_a_command_started_does_not_outlive_the_server(
         pool.close()
     finally:
         server.close()
+
+
+def test_a_command_that_cannot_be_run_leaks_nothing(tmp_path: Path) -> None:
+    """An environment variable whose name holds "=" (or a NUL byte anywhere)
+    makes Popen raise ValueError: it escaped as a spawner bug, and each try
+    left two descriptors open."""
+    root = tmp_path / "badenv"
+    write_command_app(root)
+    (root / "actorpool.toml").write_text(
+        'command = ["{python}", "server.py", "{socket}"]\n[env]\n"A=B" = "x"\n'
+    )
+    spec = load_app_spec(os.fspath(root))
+    lifeline = Lifeline()
+    try:
+        before = len(os.listdir("/proc/self/fd"))
+        for attempt in range(3):
+            with pytest.raises(SpawnError, match="cannot start a process"):
+                start_direct(spec, None, f"{tmp_path}/{attempt}.sock", 5.0, lifeline)
+        assert len(os.listdir("/proc/self/fd")) == before
+    finally:
+        lifeline.close()
 
 
 CREATOR = """

@@ -129,12 +129,18 @@ def start_direct(
             start_new_session=True,
             **user_args,
         )
-    except OSError as exc:
+    # ValueError: a NUL byte in the command or the environment, or an "="
+    # in a variable's name (actorpool.toml can hold either).
+    except (OSError, ValueError) as exc:
         os.close(ready_r)
         os.close(out_r)
         raise SpawnError(
             f"cannot start a process for {spec.app_root}{_as(user)}: {exc}"
         ) from exc
+    except BaseException:
+        os.close(ready_r)
+        os.close(out_r)
+        raise
     finally:
         os.close(ready_w)
         os.close(out_w)
