@@ -597,6 +597,90 @@ def test_oversized_request_head_gets_431(serve: Callable[[WSGIApp], Server]) -> 
     assert server.get("/after") == (201, b"hello /after")
 
 
+def test_a_whole_oversized_head_in_one_read_gets_431(
+    serve: Callable[[WSGIApp], Server],
+) -> None:
+    """h11's limit only bounds a head still incomplete: one that arrived
+    whole in one receive (up to 64 KiB) was taken whatever its size."""
+    server = serve(hello_app)
+    with server.raw() as sock:
+        sock.sendall(
+            b"GET / HTTP/1.1\r\nHost: x\r\nX-Big: " + b"b" * 20_000 + b"\r\n\r\n"
+        )
+        assert recv_all(sock).startswith(b"HTTP/1.1 431 ")
+    # Two requests that are small each, sent together, are fine.
+    with server.raw() as sock:
+        small = b"GET /s HTTP/1.1\r\nHost: x\r\nX-Pad: " + b"p" * 10_000 + b"\r\n\r\n"
+        sock.sendall(small * 2)
+        assert recv_head(sock).startswith(b"HTTP/1.1 201 ")
+        assert recv_exactly(sock, len(b"hello /s")) == b"hello /s"
+        assert recv_head(sock).startswith(b"HTTP/1.1 201 ")
+
+
+def body_on(status: str, length: int | None = None) -> WSGIApp:
+    """An app that answers ``status`` with a body of ten bytes, declaring
+    ``length`` bytes if given."""
+
+    def app(environ: Environ, start_response: StartResponse) -> Iterable[bytes]:
+        headers = [] if length is None else [("Content-Length", str(length))]
+        start_response(status, headers)
+        return [b"0123456789"]
+
+    return app
+
+
+@pytest.mark.parametrize(
+    ("app", "status", "body"),
+    [
+        (body_on("204 No Content"), 204, b""),
+        (body_on("304 Not Modified"), 304, b""),
+        (body_on("200 OK", length=4), 200, b"0123"),
+    ],
+    ids=["204", "304", "longer-than-content-length"],
+)
+def test_a_body_the_response_cannot_have_is_cut(
+    serve: Callable[[WSGIApp], Server], app: WSGIApp, status: int, body: bytes
+) -> None:
+    """A 204 or 304 has no body, and a body never goes past Content-Length
+    (PEP 3333). h11 refused such a body with the head not yet sent: the
+    client got nothing at all."""
+    server = serve(app)
+    with server.connect() as conn:
+        for _ in range(2):  # and the connection goes on
+            conn.request("GET", "/")
+            response = conn.getresponse()
+            assert (response.status, response.read()) == (status, body)
+
+
+def test_an_app_failing_on_head_gets_500_and_keep_alive(
+    serve: Callable[[WSGIApp], Server],
+) -> None:
+    """The 500 page went out with its body for HEAD too; h11 refused it and
+    the connection was lost."""
+    server = serve(raise_early)
+    with server.connect() as conn:
+        for _ in range(2):
+            conn.request("HEAD", "/")
+            response = conn.getresponse()
+            assert (response.status, response.read()) == (500, b"")
+
+
+def test_an_absolute_form_target_gives_its_path(
+    serve: Callable[[WSGIApp], Server],
+) -> None:
+    """RFC 9112 section 3.2.2: a server takes the absolute form too; its
+    scheme and host ended up in PATH_INFO."""
+    seen: list[Environ] = []
+    server = serve(recording_app(seen))
+    with server.raw() as sock:
+        sock.sendall(
+            b"GET http://example.com/a/b?q=1 HTTP/1.1\r\nHost: example.com\r\n"
+            b"Connection: close\r\n\r\n"
+        )
+        assert recv_all(sock).startswith(b"HTTP/1.1 200 ")
+    assert (seen[0]["PATH_INFO"], seen[0]["QUERY_STRING"]) == ("/a/b", "q=1")
+
+
 def test_client_disconnecting_mid_body_is_quiet(
     serve: Callable[[WSGIApp], Server], caplog: pytest.LogCaptureFixture
 ) -> None:

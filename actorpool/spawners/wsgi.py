@@ -209,6 +209,8 @@ def _serve_next(app: WSGIApp, channel: _Channel, server_name: str) -> bool:
         return False
     if not isinstance(event, h11.Request):
         raise RuntimeError(f"expected a request, h11 gave {event!r}")
+    channel.request_method = event.method
+    channel.check_head_size()
     _serve_request(app, channel, event, server_name)
     return channel.next_cycle()
 
@@ -217,7 +219,7 @@ def _serve_request(
     app: WSGIApp, channel: _Channel, request: h11.Request, server_name: str
 ) -> None:
     """Run the app for `request` and send its response, or a 500."""
-    responder = _Responder(channel, head=request.method == b"HEAD")
+    responder = _Responder(channel, method=request.method)
     body = io.BufferedReader(_RequestBody(channel), _RECV_SIZE)
     try:
         _run_app(app, _environ(request, body, server_name), responder)
@@ -261,7 +263,13 @@ def _environ(
     request: h11.Request, body: io.BufferedReader[_RequestBody], server_name: str
 ) -> dict[str, Any]:
     """The PEP 3333 environ for `request`."""
-    path, _, query = request.target.partition(b"?")
+    target = request.target
+    if not target.startswith(b"/") and b"://" in target:
+        # The absolute form (RFC 9112 section 3.2.2), which a server must
+        # take as well: only its path and query are the app's business.
+        parts = urllib.parse.urlsplit(target)
+        target = (parts.path or b"/") + (b"?" + parts.query if parts.query else b"")
+    path, _, query = target.partition(b"?")
     environ = dict(_WSGI_CONSTANTS)
     environ.update(_header_variables(request.headers))
     script_name = environ.pop(_SCRIPT_NAME_VARIABLE, None)
@@ -342,6 +350,11 @@ class _Channel:
         self.sock = sock
         self.http = h11.Connection(h11.SERVER, max_incomplete_event_size=_MAX_HEAD_SIZE)
         self.failure: Exception | None = None
+        self.request_method = b""
+        """The method of the request being answered (a HEAD's answer has no
+        body, an error page's neither)."""
+        self._received = 0
+        """Bytes received since this request began, for its head's size."""
         self._eof = False
         self._lifeline = lifeline
         # A poll object, not an epoll selector: it costs no system calls to
@@ -415,15 +428,27 @@ class _Channel:
         )
 
     def respond_plain(self, status: int) -> None:
-        """Send a complete plain-text response whose body is the status phrase."""
+        """Send a complete plain-text response whose body is the status phrase
+        (left out for HEAD, as h11 requires)."""
         body = http.HTTPStatus(status).phrase.encode("ascii")
         headers = [
             (b"content-type", b"text/plain; charset=utf-8"),
             (b"content-length", str(len(body)).encode("ascii")),
         ]
         self.send(self.prepare(h11.Response(status_code=status, headers=headers)))
-        self.send(h11.Data(data=body))
+        if self.request_method != b"HEAD":
+            self.send(h11.Data(data=body))
         self.send(h11.EndOfMessage())
+
+    def check_head_size(self) -> None:
+        """Refuse (431) a request head over the limit: h11's own limit only
+        bounds a head still incomplete, and one receive takes up to 64 KiB.
+        What h11 has not consumed is the body or the next request."""
+        size = self._received - len(self.http.trailing_data[0])
+        if size > _MAX_HEAD_SIZE:
+            raise h11.RemoteProtocolError(
+                f"request head of {size} bytes", error_status_hint=431
+            )
 
     def reject(self, error: h11.RemoteProtocolError) -> None:
         """Answer a malformed request with h11's status hint, if still allowed."""
@@ -437,6 +462,9 @@ class _Channel:
             self._drain()
         if self.http.our_state is h11.DONE and self.http.their_state is h11.DONE:
             self.http.start_next_cycle()
+            self.request_method = b""
+            # What is already here belongs to the next request.
+            self._received = len(self.http.trailing_data[0])
             return True
         return False
 
@@ -494,6 +522,7 @@ class _Channel:
                 self.wait(select.POLLIN)
                 continue
             self._eof = not data
+            self._received += len(data)
             self.http.receive_data(data)
 
     def _recv(self) -> bytes | None:
@@ -575,11 +604,15 @@ class _Responder:
     or at the end, so the app may still replace them after an error.
     """
 
-    def __init__(self, channel: _Channel, *, head: bool) -> None:
+    def __init__(self, channel: _Channel, *, method: bytes) -> None:
         self._channel = channel
-        self._head = head
+        self._method = method
         self._response: h11.Response | None = None
         self._head_sent = False
+        self._no_body = False
+        """A HEAD's answer, a 204 or a 304: what the app writes is dropped."""
+        self._room: int | None = None
+        """Bytes the response's Content-Length has left, if it has one."""
 
     def start_response(
         self,
@@ -595,6 +628,12 @@ class _Responder:
         elif self._response is not None:
             raise RuntimeError("start_response() called again without exc_info")
         self._response = _make_response(status, headers)
+        self._no_body = self._method == b"HEAD" or self._response.status_code in (
+            204,
+            304,
+        )
+        lengths = [v for n, v in self._response.headers if n == b"content-length"]
+        self._room = int(lengths[0]) if lengths else None
         return self.write
 
     def write(self, data: bytes) -> None:
@@ -603,10 +642,15 @@ class _Responder:
             raise RuntimeError("write() called before start_response()")
         if not isinstance(data, bytes | bytearray | memoryview):
             raise TypeError(f"WSGI body chunks must be bytes, not {type(data)}")
+        if self._room is not None:
+            # PEP 3333: never more than the Content-Length (h11 would refuse
+            # it, with the head unsent).
+            data = data[: self._room]
+            self._room -= len(data)
         if not data:
             return
-        # A response to HEAD has no body (h11 would refuse one); skip it.
-        body = None if self._head else h11.Data(data=data)
+        # These answers have no body (h11 would refuse one); skip it.
+        body = None if self._no_body else h11.Data(data=data)
         if self._head_sent:
             if body is not None:
                 self._channel.send(body)
