@@ -298,11 +298,17 @@ def _check_type(path: str, name: str, kind: Callable[[str], Any], value: Any) ->
 
 
 def _from(base: str, app: str) -> str:
-    """``app`` with a relative path taken from ``base``."""
-    spec, sep, path = app.rpartition("=")
+    """``app`` with a relative path taken from ``base``.
+
+    Split where :func:`~actorpool.frontend.routes.parse_route` splits, at the
+    first ``=``: the path may hold ``=`` itself (``/=my=app``).
+    """
+    mount, equals, path = app.partition("=")
+    if not equals:
+        mount, path = "", app
     if not os.path.isabs(path):
         path = os.path.join(base, path)
-    return f"{spec}{sep}{path}"
+    return f"{mount}{equals}{path}"
 
 
 def _pool_config(settings: dict[str, Any]) -> PoolConfig:
@@ -418,7 +424,7 @@ def _find_socket(runtime_dir: str | None) -> str:
     live = [
         path
         for path in (os.path.join(directory, name) for name in names)
-        if _pid_alive(path)
+        if _answers(path)
     ]
     if not live:
         raise ActorPoolError(f"no actorpool serve is running (looked in {directory})")
@@ -430,15 +436,18 @@ def _find_socket(runtime_dir: str | None) -> str:
     return live[0]
 
 
-def _pid_alive(path: str) -> bool:
-    """Whether the serve named in ``serve-PID.sock`` still runs."""
-    try:
-        pid = int(os.path.basename(path)[len("serve-") : -len(".sock")])
-        os.kill(pid, 0)
-    except (ValueError, ProcessLookupError):
-        return False
-    except PermissionError:
-        return True
+def _answers(path: str) -> bool:
+    """Whether a serve listens on the status socket at ``path``: the file
+    of one that was killed stays, and its pid may be another process's by
+    now."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+        probe.settimeout(5)
+        try:
+            probe.connect(path)
+        except (ConnectionRefusedError, FileNotFoundError):
+            return False
+        except OSError:  # a full backlog, say: somebody is there
+            return True
     return True
 
 

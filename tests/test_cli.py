@@ -6,12 +6,15 @@ so a check that fails to fire shows as a wrong result, not as a server.
 
 from __future__ import annotations
 
+import os
+import socket
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from actorpool import cli
+from actorpool.errors import ActorPoolError
 from actorpool.frontend import master
 from actorpool.frontend.master import ServeOptions
 
@@ -100,3 +103,42 @@ def test_good_settings_reach_serve(
     assert options.worker.proxy.client_timeout == 7.0
     assert options.worker.proxy.max_header_size == 1000
     assert options.worker.proxy.app_timeout == 9.0
+
+
+@pytest.mark.parametrize(
+    ("entry", "prefix", "path"),
+    [
+        ("hello", "", "{base}/hello"),
+        ("/=my=app", "", "{base}/my=app"),
+        ("/blog=blog", "/blog", "{base}/blog"),
+        ("/abs=/srv/a=b", "/abs", "/srv/a=b"),
+    ],
+)
+def test_app_paths_in_a_file_are_taken_from_its_directory(
+    served: list[ServeOptions], tmp_path: Path, entry: str, prefix: str, path: str
+) -> None:
+    """Split at the first "=", as routes are: a path holding "=" was split at
+    its own "=" and joined to the file's directory in the middle."""
+    config = tmp_path / "serve.toml"
+    config.write_text(f'apps = ["{entry}"]\n')
+    assert cli.main(["serve", "--config", str(config)]) == 0
+    (options,) = served
+    (route,) = options.worker.router.routes
+    assert (route.prefix, route.app_root) == (prefix, path.format(base=tmp_path))
+
+
+def test_a_stale_status_socket_is_not_taken_for_a_running_serve(
+    tmp_path: Path,
+) -> None:
+    """A serve killed with SIGKILL leaves serve-PID.sock behind, and its pid
+    may belong to another process by now (here: this one)."""
+    stale = socket.socket(socket.AF_UNIX)
+    stale.bind(str(tmp_path / f"serve-{os.getpid()}.sock"))
+    stale.close()  # the file stays; nothing listens
+    with pytest.raises(ActorPoolError, match="no actorpool serve is running"):
+        cli._find_socket(str(tmp_path))
+    live = socket.socket(socket.AF_UNIX)
+    live.bind(str(tmp_path / "serve-1.sock"))
+    live.listen()
+    with live:
+        assert cli._find_socket(str(tmp_path)) == str(tmp_path / "serve-1.sock")

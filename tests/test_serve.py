@@ -423,6 +423,9 @@ def test_status_text_json_and_restart_app(
     assert app in text
 
     assert running.cli("restart-app", app).strip() == f"restarted {app}"
+    with pytest.raises(subprocess.CalledProcessError) as unknown:
+        running.cli("restart-app", app + "x")  # a typo is not a success
+    assert f"{app}x is not an app this serve runs" in unknown.value.stderr
     running.request("/")
     (fresh,) = running.status()["apps"][0]["processes"]  # type: ignore[index]
     assert fresh["pid"] != process["pid"]

@@ -437,6 +437,11 @@ class _Master:
                 app_root = request.get("app_root")
                 if not isinstance(app_root, str) or not os.path.isabs(app_root):
                     return {"error": "restart-app needs an absolute app_root"}
+                known = {r.app_root for r in self.options.worker.router.routes}
+                known.update(app.app_root for app in pool.statistics().apps)
+                if app_root not in known:
+                    # Like passenger-config: a typo must not look like success.
+                    return {"error": f"{app_root} is not an app this serve runs"}
                 pool.restart_app(app_root)
                 return {"restarted": app_root}
             return {"error": f"unknown command {command!r}"}
