@@ -1210,3 +1210,31 @@ def test_a_client_gone_while_the_app_is_quiet_ends_the_relay_at_once(
     assert not relaying.is_alive(), "the relay spins on a client that is gone"
     [error] = outcome
     assert isinstance(error, proxy_module._Abort)
+
+
+@pytest.mark.parametrize(
+    ("target", "app", "path_info"),
+    [
+        ("/%62log/post", "blog", "/post"),
+        ("/%62%6C%6Fg", "blog", ""),
+        ("/x/../blog/post", "blog", "/post"),
+        ("/blog/./a/../b", "blog", "/b"),
+        ("/blog/..", "site", "/"),
+        ("/blog%2Fpost", "site", "/blog%2Fpost"),  # an escaped "/" stays one
+        ("/a/.hidden", "site", "/a/.hidden"),
+    ],
+)
+def test_a_path_is_normalized_before_it_is_routed(
+    target: str, app: str, path_info: str
+) -> None:
+    """Escapes of unreserved characters and dot segments (RFC 3986) were
+    matched as sent: /%62log/post and /x/../blog/post went to the root's
+    app, which then saw /blog/post, a path of another app."""
+    router = Router([parse_route("/=/srv/site"), parse_route("/blog=/srv/blog")])
+    request = h11.Request(method="GET", target=target, headers=[("Host", "x")])
+    parsed = proxy_module._Target.of(request)
+    assert parsed is not None
+    match = router.match(parsed.host, parsed.path)
+    assert match is not None
+    route, _, rest = match
+    assert (route.app_root, rest) == (f"/srv/{app}", path_info)

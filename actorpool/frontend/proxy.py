@@ -20,8 +20,10 @@ import contextlib
 import dataclasses
 import http
 import logging
+import re
 import select
 import socket
+import string
 import threading
 import time
 import urllib.parse
@@ -433,7 +435,7 @@ class _Target:
     host: str | None
     """The Host header, or the authority of an absolute-form target."""
     path: str
-    """The raw, still %-encoded path."""
+    """The path, still %-encoded but normalized (see :func:`_normalized`)."""
     query: str
     """``?`` and the query, or ``""`` if there is none."""
 
@@ -441,15 +443,54 @@ class _Target:
     def of(cls, request: h11.Request) -> _Target | None:
         """The target of `request`; None if it is not a path (nor absolute URL)."""
         raw = request.target.decode("latin-1")
-        if raw.startswith("/") or raw == "*":
+        if raw == "*":
+            return cls(_header(request.headers, b"host"), raw, "")
+        if raw.startswith("/"):
             path, question, query = raw.partition("?")
-            return cls(_header(request.headers, b"host"), path, question + query)
+            host = _header(request.headers, b"host")
+            return cls(host, _normalized(path), question + query)
         # Absolute form ("GET http://host/path"): servers must accept it.
         url = urllib.parse.urlsplit(raw)
         if url.scheme.lower() not in ("http", "https") or not url.netloc:
             return None
         query = f"?{url.query}" if url.query else ""
-        return cls(url.netloc.rpartition("@")[2], url.path or "/", query)
+        host = url.netloc.rpartition("@")[2]
+        return cls(host, _normalized(url.path or "/"), query)
+
+
+_UNRESERVED = frozenset(string.ascii_letters + string.digits + "-._~")
+_ESCAPE = re.compile(r"%([0-9A-Fa-f]{2})")
+
+
+def _normalized(path: str) -> str:
+    """``path`` as routes see it, and as it goes on to the app.
+
+    Escapes of unreserved characters are decoded (RFC 3986 section 6.2.2.2:
+    ``/%62log`` is ``/blog``) and dot segments removed (section 5.2.4:
+    ``/x/../blog`` is ``/blog``), as nginx does before it matches a
+    location: else such a path reached the app of another prefix, under its
+    own. Other escapes, ``%2F`` among them, stay as they came.
+    """
+    if "%" in path:
+        path = _ESCAPE.sub(_decode_unreserved, path)
+    if "/." not in path:
+        return path
+    segments = path.split("/")[1:]
+    kept: list[str] = []
+    for segment in segments:
+        if segment == "..":
+            if kept:
+                kept.pop()
+        elif segment != ".":
+            kept.append(segment)
+    if segments[-1] in (".", ".."):
+        kept.append("")  # "/a/." is the directory "/a/"
+    return "/" + "/".join(kept)
+
+
+def _decode_unreserved(escape: re.Match[str]) -> str:
+    char = chr(int(escape[1], 16))
+    return char if char in _UNRESERVED else escape[0]
 
 
 def _upstream_request(
