@@ -357,6 +357,18 @@ def test_get_timeout_is_504(serve: Callable[..., Serve], tmp_path: Path) -> None
     assert busy_result[0][0] == 200  # type: ignore[index]
 
 
+def refused(running: Serve) -> bool:
+    """Whether a connection to ``running``'s address is refused (or reset
+    in the handshake: the listener closed under it)."""
+    try:
+        socket.create_connection((running.host, running.port), timeout=5).close()
+    except (ConnectionRefusedError, ConnectionResetError):
+        return True
+    except TimeoutError:  # queued behind others nobody accepts
+        return False
+    return False
+
+
 def test_sigterm_lets_a_slow_request_finish_then_leaves_nothing(
     serve: Callable[..., Serve], tmp_path: Path
 ) -> None:
@@ -367,6 +379,9 @@ def test_sigterm_lets_a_slow_request_finish_then_leaves_nothing(
     wait_for(lambda: int(running.status()["active"]) == 1, "the busy request")  # type: ignore[call-overload]
     everything = processes_in(tmp_path)
     running.process.send_signal(signal.SIGTERM)
+    # A new client is refused at once, not queued on a socket that nobody
+    # accepts from any more (then reset when serve exits).
+    wait_for(lambda: refused(running), "new clients refused")
     with open(gate, "w") as release:
         release.write("go")
     busy.join(10)

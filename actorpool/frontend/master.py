@@ -225,6 +225,12 @@ class _Master:
                 if self.wake_r in readable:
                     self._on_signals(os.read(self.wake_r, 512))
         finally:
+            # Closed now, not at exit: a client connecting while the workers
+            # finish would wait in a queue nobody accepts from again, then
+            # be reset; now it is refused at once (the workers close their
+            # own copies as they stop).
+            for listener in self.listeners:
+                listener.close()
             # Whatever ended the loop, no worker outlives the master.
             self._stop_children()
         return self.status_code
