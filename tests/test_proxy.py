@@ -1222,6 +1222,8 @@ def test_a_client_gone_while_the_app_is_quiet_ends_the_relay_at_once(
         ("/blog/..", "site", "/"),
         ("/blog%2Fpost", "site", "/blog%2Fpost"),  # an escaped "/" stays one
         ("/a/.hidden", "site", "/a/.hidden"),
+        ("/c%2B%2B/admin", "c++", "/admin"),
+        ("//blog//post", "blog", "/post"),
     ],
 )
 def test_a_path_is_normalized_before_it_is_routed(
@@ -1230,7 +1232,13 @@ def test_a_path_is_normalized_before_it_is_routed(
     """Escapes of unreserved characters and dot segments (RFC 3986) were
     matched as sent: /%62log/post and /x/../blog/post went to the root's
     app, which then saw /blog/post, a path of another app."""
-    router = Router([parse_route("/=/srv/site"), parse_route("/blog=/srv/blog")])
+    router = Router(
+        [
+            parse_route("/=/srv/site"),
+            parse_route("/blog=/srv/blog"),
+            parse_route("/c++=/srv/c++"),
+        ]
+    )
     request = h11.Request(method="GET", target=target, headers=[("Host", "x")])
     parsed = proxy_module._Target.of(request)
     assert parsed is not None

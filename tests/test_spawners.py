@@ -809,10 +809,12 @@ def test_a_late_worker_that_does_not_stop_is_let_go(
 
 class ThreadStarts:
     """Stands in for the ``threading`` module in the module under test: a
-    thread named ``name`` is started through ``start(real_start)``."""
+    thread with one of ``names`` is started through ``start(real_start)``."""
 
-    def __init__(self, name: str, start: Callable[[Callable[[], None]], None]):
-        self._name = name
+    def __init__(
+        self, names: set[str], start: Callable[[Callable[[], None]], None]
+    ) -> None:
+        self._names = names
         self._start = start
 
     def __getattr__(self, attribute: str) -> Any:
@@ -820,7 +822,7 @@ class ThreadStarts:
 
     def Thread(self, **kwargs: Any) -> threading.Thread:
         thread = threading.Thread(**kwargs)
-        if thread.name == self._name:
+        if thread.name in self._names:
             real_start = thread.start
             thread.start = lambda: self._start(real_start)  # type: ignore[method-assign]
         return thread
@@ -831,27 +833,30 @@ def test_a_late_fork_with_no_thread_to_wait_for_it_kills_the_preloader(
     tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    """When no thread can be started to wait for a timed-out fork's answer,
-    the spawn still fails with a SpawnError, the fork lock is let go, and
-    the preloader is killed at once. Before, the thread's RuntimeError
-    escaped and the lock stayed held for ever, with the preloader running."""
+    """When no thread can be started (to wait for a timed-out fork's answer,
+    nor to reap the preloader), the spawn still fails with a SpawnError, the
+    fork lock is let go, and the preloader is killed and reaped at once.
+    Before, the thread's RuntimeError escaped and the lock stayed held for
+    ever, with the preloader running."""
     spawner, socket_dir = smart
     _, instances, stuck, pid = first_spawn(spawner, socket_dir, tmp_path)
 
     def refuse(_start: Callable[[], None]) -> None:
         raise RuntimeError("can't start new thread")
 
-    monkeypatch.setattr(
-        smart_module, "threading", ThreadStarts("actorpool-preloader-late", refuse)
-    )
+    # Neither the thread that would wait for the answer nor the reaper.
+    refused = {"actorpool-preloader-late", "actorpool-preloader-reap"}
+    monkeypatch.setattr(smart_module, "threading", ThreadStarts(refused, refuse))
     os.kill(pid, signal.SIGSTOP)  # answers no fork
     try:
         with pytest.raises(SpawnError, match="did not fork in time"):
             stuck.fork(os.path.join(socket_dir, "a.sock"), time.monotonic() + 0.2)
         assert not alive(pid)
-        # Free, once the reaper stop() started has had it for a moment.
-        assert stuck._forking.acquire(timeout=10)
+        # Reaped in the spawn's own thread: the fork lock is free, and the
+        # control socket closed.
+        assert stuck._forking.acquire(blocking=False)
         stuck._forking.release()
+        assert stuck._control.fileno() == -1
     finally:
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)
@@ -880,7 +885,7 @@ def test_join_waits_for_a_reaper_another_thread_is_still_starting(
         start()
 
     monkeypatch.setattr(
-        smart_module, "threading", ThreadStarts("actorpool-preloader-reap", held)
+        smart_module, "threading", ThreadStarts({"actorpool-preloader-reap"}, held)
     )
     stopper = threading.Thread(target=lambda: preloader.stop(kill=True))
     stopper.start()

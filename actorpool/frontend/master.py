@@ -43,9 +43,10 @@ __all__ = ["ServeOptions", "default_runtime_dir", "serve"]
 logger = logging.getLogger("actorpool.frontend")
 
 STATUS_TIMEOUT = 2.0
-"""Seconds a status client may take to send its whole request line: the
-master answers nothing else meanwhile (signals, dead workers), so a client
-that sends a byte now and then must not hold it longer."""
+"""Seconds a status client may take to send its whole request line, and
+to take the reply: the master answers nothing else meanwhile (signals, dead
+workers), so a client that sends a byte now and then must not hold it
+longer."""
 
 KILL_AFTER_GRACE = 5.0
 """Seconds past the grace period after which stopping workers are killed."""
@@ -206,11 +207,13 @@ class _Master:
             f"actorpool serve: status socket {self.status_path}",
             flush=True,
         )
-        for slot in range(self.options.workers):
-            self._fork_worker(slot)
-        if self.options.metrics is not None:
-            self._fork_metrics()
         try:
+            # In the try: a fork that fails (EAGAIN) must not leave the
+            # workers forked before it running without a master.
+            for slot in range(self.options.workers):
+                self._fork_worker(slot)
+            if self.options.metrics is not None:
+                self._fork_metrics()
             while not self.stopping:
                 status_fd = self.status.fileno()
                 timeout = None
@@ -429,7 +432,9 @@ class _Master:
                 except ActorPoolError as exc:
                     reply = {"error": str(exc)}
             with contextlib.suppress(OSError):
-                conn.settimeout(max(0.0, deadline - time.monotonic()))
+                # Its own time, counted from now: the request's may be used
+                # up by the statistics, and at 0 a large reply would be cut.
+                conn.settimeout(STATUS_TIMEOUT)
                 conn.sendall(json.dumps(reply).encode() + b"\n")
 
     def _status_request(self, request: Any) -> dict[str, Any]:

@@ -458,21 +458,27 @@ class _Target:
         return cls(host, _normalized(url.path or "/"), query)
 
 
-_UNRESERVED = frozenset(string.ascii_letters + string.digits + "-._~")
+# Every character a route's prefix may hold but "/": an escaped one is
+# decoded before matching, an escaped "/" stays one.
+_DECODED = frozenset(string.ascii_letters + string.digits + "-._~!$&'()*+,;=:@")
 _ESCAPE = re.compile(r"%([0-9A-Fa-f]{2})")
+_SLASHES = re.compile(r"//+")
 
 
 def _normalized(path: str) -> str:
     """``path`` as routes see it, and as it goes on to the app.
 
-    Escapes of unreserved characters are decoded (RFC 3986 section 6.2.2.2:
-    ``/%62log`` is ``/blog``) and dot segments removed (section 5.2.4:
-    ``/x/../blog`` is ``/blog``), as nginx does before it matches a
-    location: else such a path reached the app of another prefix, under its
-    own. Other escapes, ``%2F`` among them, stay as they came.
+    As nginx does before it matches a location: escapes of the characters a
+    prefix may hold are decoded (``/%62log`` is ``/blog``, ``/c%2B%2B`` is
+    ``/c++``), repeated slashes merged, and dot segments removed (RFC 3986
+    section 5.2.4: ``/x/../blog`` is ``/blog``). Else such a path reached
+    the app of another prefix, under its own. Other escapes, ``%2F`` among
+    them, stay as they came.
     """
     if "%" in path:
-        path = _ESCAPE.sub(_decode_unreserved, path)
+        path = _ESCAPE.sub(_decode_prefix_char, path)
+    if "//" in path:
+        path = _SLASHES.sub("/", path)
     if "/." not in path:
         return path
     segments = path.split("/")[1:]
@@ -488,9 +494,9 @@ def _normalized(path: str) -> str:
     return "/" + "/".join(kept)
 
 
-def _decode_unreserved(escape: re.Match[str]) -> str:
+def _decode_prefix_char(escape: re.Match[str]) -> str:
     char = chr(int(escape[1], 16))
-    return char if char in _UNRESERVED else escape[0]
+    return char if char in _DECODED else escape[0]
 
 
 def _upstream_request(

@@ -464,9 +464,12 @@ class _Preloader:
             self._process.kill()
             self._process.wait()
         if first and self._process is not None:
-            threading.Thread(
-                target=self._reap, name="actorpool-preloader-reap", daemon=True
-            ).start()
+            try:
+                threading.Thread(
+                    target=self._reap, name="actorpool-preloader-reap", daemon=True
+                ).start()
+            except RuntimeError:  # no thread to be had (a thread limit)
+                self._reap()  # here, then: a second at most once killed
 
     def join(self) -> None:
         """Wait (a bounded time) for the process to exit and, once stopped,

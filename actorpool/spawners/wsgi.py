@@ -45,8 +45,11 @@ WSGIApp: TypeAlias = Callable[[dict[str, Any], StartResponse], Iterable[bytes]]
 
 _RECV_SIZE = 64 * 1024
 """Bytes asked of the socket per ``recv``, and the ``wsgi.input`` buffer size."""
-_MAX_HEAD_SIZE = 16 * 1024
-"""Largest request head (request line and headers) accepted; more gets a 431."""
+_MAX_HEAD_SIZE = 1024 * 1024
+"""Largest request head (request line and headers) accepted; more gets a
+431. A guard on the worker's memory, not a policy: the front end's
+``--max-header-size`` (16 KiB) is that, and the heads it forwards, with the
+headers it adds, must pass here."""
 _DRAIN_LIMIT = 1024 * 1024
 """Unread request body discarded to keep a connection alive (or while
 closing it); a longer leftover closes the connection instead."""
@@ -211,6 +214,12 @@ def _serve_next(app: WSGIApp, channel: _Channel, server_name: str) -> bool:
         raise RuntimeError(f"expected a request, h11 gave {event!r}")
     channel.request_method = event.method
     channel.check_head_size()
+    try:
+        _path_and_query(event.target)
+    except ValueError as exc:  # an absolute-form target urlsplit refuses
+        raise h11.RemoteProtocolError(
+            f"bad request target: {exc}", error_status_hint=400
+        ) from exc
     _serve_request(app, channel, event, server_name)
     return channel.next_cycle()
 
@@ -263,13 +272,7 @@ def _environ(
     request: h11.Request, body: io.BufferedReader[_RequestBody], server_name: str
 ) -> dict[str, Any]:
     """The PEP 3333 environ for `request`."""
-    target = request.target
-    if not target.startswith(b"/") and b"://" in target:
-        # The absolute form (RFC 9112 section 3.2.2), which a server must
-        # take as well: only its path and query are the app's business.
-        parts = urllib.parse.urlsplit(target)
-        target = (parts.path or b"/") + (b"?" + parts.query if parts.query else b"")
-    path, _, query = target.partition(b"?")
+    path, query = _path_and_query(request.target)
     environ = dict(_WSGI_CONSTANTS)
     environ.update(_header_variables(request.headers))
     script_name = environ.pop(_SCRIPT_NAME_VARIABLE, None)
@@ -292,6 +295,17 @@ def _environ(
         }
     )
     return environ
+
+
+def _path_and_query(target: bytes) -> tuple[bytes, bytes]:
+    """A request target's path and query (ValueError if it cannot be read)."""
+    if not target.startswith(b"/") and b"://" in target:
+        # The absolute form (RFC 9112 section 3.2.2), which a server must
+        # take as well: only its path and query are the app's business.
+        parts = urllib.parse.urlsplit(target)
+        return parts.path or b"/", parts.query
+    path, _, query = target.partition(b"?")
+    return path, query
 
 
 def _unquote(raw: bytes) -> str:
