@@ -78,7 +78,9 @@ def served_by(listener: FailingListener, wake: tuple[int, int]) -> bytes:
     return data
 
 
-@pytest.mark.parametrize("code", [errno.EMFILE, errno.ENFILE, errno.ECONNABORTED])
+@pytest.mark.parametrize(
+    "code", [errno.EMFILE, errno.ENFILE, errno.ECONNABORTED, errno.EPROTO, errno.EPERM]
+)
 def test_a_failed_accept_costs_the_worker_nothing(
     code: int, wake: tuple[int, int], monkeypatch: pytest.MonkeyPatch
 ) -> None:

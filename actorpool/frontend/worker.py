@@ -39,6 +39,20 @@ ACCEPT_PAUSE = 0.5
 memory: the clients it serves go on, and free some as they finish."""
 
 _OUT_OF_RESOURCES = {errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM}
+# accept(2): network errors already pending on the new connection are
+# reported by accept itself, and are to be taken like EAGAIN (the client is
+# gone); EPERM is a firewall's refusal of that one client.
+_CLIENT_GONE = {
+    errno.ECONNABORTED,
+    errno.EPROTO,
+    errno.ENOPROTOOPT,
+    errno.ENETDOWN,
+    errno.ENETUNREACH,
+    errno.EHOSTDOWN,
+    errno.EHOSTUNREACH,
+    errno.EOPNOTSUPP,
+    errno.EPERM,
+}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -112,10 +126,13 @@ class _Worker:
                         return
                 try:
                     conn, address = self._listener.accept()
-                except (BlockingIOError, InterruptedError, ConnectionAbortedError):
-                    self._free.release()  # a sibling took it, or it left
+                except (BlockingIOError, InterruptedError):
+                    self._free.release()  # a sibling took it
                     continue
                 except OSError as exc:
+                    if exc.errno in _CLIENT_GONE:
+                        self._free.release()
+                        continue
                     if exc.errno not in _OUT_OF_RESOURCES:
                         raise
                     # Not this worker's end: the clients it serves go on, and
