@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import queue
 import re
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -16,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from actorpool.frontend.master import MASTER_SIGNALS, fork_without_signals
+from actorpool.frontend.master import MASTER_SIGNALS, _Master, fork_without_signals
 
 
 @pytest.fixture
@@ -112,3 +114,26 @@ def test_a_worker_that_cannot_start_is_replaced_ever_more_slowly(
         assert process.wait(timeout=30) == 0
         reader.join(10)
         process.stderr.close()
+
+
+def test_a_status_request_that_fails_is_answered_not_raised(tmp_path: Path) -> None:
+    """Whatever answering a status request raises (here EMFILE on the pool
+    connection) is the reply, not the end of the master's loop."""
+
+    class NoConnections:
+        def connect(self) -> None:
+            raise OSError(errno.EMFILE, "Too many open files")
+
+    status = socket.socket(socket.AF_UNIX)
+    status.bind(str(tmp_path / "status.sock"))
+    status.listen()
+    master = _Master.__new__(_Master)
+    master.status = status
+    master.server = NoConnections()  # type: ignore[assignment]
+    with status, socket.socket(socket.AF_UNIX) as client:
+        client.connect(str(tmp_path / "status.sock"))
+        client.sendall(b'{"command": "status"}\n')
+        master._answer_status()
+        client.settimeout(10)
+        reply = json.loads(client.recv(65536))
+    assert "Too many open files" in reply["error"]

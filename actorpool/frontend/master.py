@@ -431,6 +431,9 @@ class _Master:
                     reply = self._status_request(request)
                 except ActorPoolError as exc:
                     reply = {"error": str(exc)}
+                except Exception as exc:  # never the master's end (EMFILE, say)
+                    logger.exception("answering a status request failed")
+                    reply = {"error": f"status failed: {exc}"}
             with contextlib.suppress(OSError):
                 # Its own time, counted from now: the request's may be used
                 # up by the statistics, and at 0 a large reply would be cut.
