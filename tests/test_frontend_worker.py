@@ -79,7 +79,15 @@ def served_by(listener: FailingListener, wake: tuple[int, int]) -> bytes:
 
 
 @pytest.mark.parametrize(
-    "code", [errno.EMFILE, errno.ENFILE, errno.ECONNABORTED, errno.EPROTO, errno.EPERM]
+    "code",
+    [
+        errno.EMFILE,
+        errno.ENFILE,
+        errno.ECONNABORTED,
+        errno.EPROTO,
+        errno.ENONET,
+        errno.EPERM,
+    ],
 )
 def test_a_failed_accept_costs_the_worker_nothing(
     code: int, wake: tuple[int, int], monkeypatch: pytest.MonkeyPatch

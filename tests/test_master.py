@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 
+from actorpool.frontend import master as master_module
 from actorpool.frontend.master import MASTER_SIGNALS, _Master, fork_without_signals
 
 
@@ -137,3 +138,48 @@ def test_a_status_request_that_fails_is_answered_not_raised(tmp_path: Path) -> N
         client.settimeout(10)
         reply = json.loads(client.recv(65536))
     assert "Too many open files" in reply["error"]
+
+
+def bare_master() -> _Master:
+    """A master with just the state its signal and replacement paths use."""
+    master = _Master.__new__(_Master)
+    master.stopping = False
+    master.due, master.workers, master.started_at, master.young_deaths = {}, {}, {}, {}
+    return master
+
+
+def test_a_sighup_that_cannot_reach_the_pool_does_not_end_the_serve(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """EMFILE on the pool connection raised out of the master's loop, which
+    then stopped every worker."""
+
+    class NoConnections:
+        def connect(self) -> None:
+            raise OSError(errno.EMFILE, "Too many open files")
+
+    master = bare_master()
+    master.server = NoConnections()  # type: ignore[assignment]
+    master._on_signals(bytes([signal.SIGHUP]))
+    assert not master.stopping
+    assert "SIGHUP: restarting the apps failed" in caplog.text
+
+
+def test_a_replacement_fork_that_fails_is_tried_again_later(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A fork failing for a moment (EAGAIN) raised out of the master's loop,
+    which then stopped every worker."""
+
+    def fail() -> int:
+        raise BlockingIOError(errno.EAGAIN, "Resource temporarily unavailable")
+
+    monkeypatch.setattr(master_module, "fork_without_signals", fail)
+    master = bare_master()
+    master.server = object()  # type: ignore[assignment]
+    master.status = object()  # type: ignore[assignment]
+    before = time.monotonic()
+    master.due = {0: before - 1}
+    master._replace_due_workers()
+    assert master.due[0] > before  # rescheduled, after a back-off
+    assert master.workers == {}

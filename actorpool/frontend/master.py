@@ -308,21 +308,33 @@ class _Master:
         for slot, when in sorted(self.due.items()):
             if when <= now and not self.stopping:
                 del self.due[slot]
-                if slot == METRICS_SLOT:
-                    self._fork_metrics()
-                else:
-                    self._fork_worker(slot)
+                try:
+                    if slot == METRICS_SLOT:
+                        self._fork_metrics()
+                    else:
+                        self._fork_worker(slot)
+                except OSError as exc:  # EAGAIN, ENOMEM: tried again later
+                    deaths = self.young_deaths[slot] = (
+                        self.young_deaths.get(slot, 0) + 1
+                    )
+                    delay = RESTART_DELAYS[min(deaths, len(RESTART_DELAYS)) - 1]
+                    logger.error("cannot fork (%s); trying again in %g s", exc, delay)
+                    self.due[slot] = now + delay
 
     def _restart_all(self) -> None:
         assert self.server is not None
-        pool = self.server.connect()
+        try:
+            pool = self.server.connect()
+        except (ActorPoolError, OSError) as exc:  # EMFILE: not the serve's end
+            logger.error("SIGHUP: restarting the apps failed: %s", exc)
+            return
         try:
             apps = {route.app_root for route in self.options.worker.router.routes}
             apps.update(app.app_root for app in pool.statistics().apps)
             for app_root in sorted(apps):
                 pool.restart_app(app_root)
             logger.info("SIGHUP: restarted %d app(s)", len(apps))
-        except ActorPoolError as exc:
+        except (ActorPoolError, OSError) as exc:
             logger.error("SIGHUP: restarting the apps failed: %s", exc)
         finally:
             pool.close()

@@ -220,7 +220,7 @@ def _handle(client: _Client, request: h11.Request, context: _Context) -> None:
     if target is None:
         client.respond(400, "400 Bad Request\n\nThe request target is not a path.\n")
         return
-    match = context.router.match(target.host, target.path)
+    match = _route(context.router, target)
     if match is None:
         client.respond(404, "404 Not Found\n\nNo application is mounted here.\n")
         return
@@ -435,7 +435,8 @@ class _Target:
     host: str | None
     """The Host header, or the authority of an absolute-form target."""
     path: str
-    """The path, still %-encoded but normalized (see :func:`_normalized`)."""
+    """The path, still %-encoded, with only what RFC 3986 counts the same
+    made so (see :func:`_normalized`): what the app gets."""
     query: str
     """``?`` and the query, or ``""`` if there is none."""
 
@@ -448,35 +449,40 @@ class _Target:
         if raw.startswith("/"):
             path, question, query = raw.partition("?")
             host = _header(request.headers, b"host")
-            return cls(host, _normalized(path), question + query)
+            return cls(host, _normalized(path, _UNRESERVED), question + query)
         # Absolute form ("GET http://host/path"): servers must accept it.
-        url = urllib.parse.urlsplit(raw)
+        try:
+            url = urllib.parse.urlsplit(raw)
+        except ValueError:  # "http://[::1/x": a 400, as any target not a path
+            return None
         if url.scheme.lower() not in ("http", "https") or not url.netloc:
             return None
         query = f"?{url.query}" if url.query else ""
         host = url.netloc.rpartition("@")[2]
-        return cls(host, _normalized(url.path or "/"), query)
+        return cls(host, _normalized(url.path or "/", _UNRESERVED), query)
 
 
-# Every character a route's prefix may hold but "/": an escaped one is
-# decoded before matching, an escaped "/" stays one.
-_DECODED = frozenset(string.ascii_letters + string.digits + "-._~!$&'()*+,;=:@")
+# RFC 3986 section 6.2.2.2: escapes of these mean the same as the
+# characters, so the app may get them decoded.
+_UNRESERVED = frozenset(string.ascii_letters + string.digits + "-._~")
+# Every character a route's prefix may hold but "/": decoded for matching
+# only (an app may tell "%3B" from ";"); an escaped "/" stays one.
+_DECODED = _UNRESERVED | frozenset("!$&'()*+,;=:@")
 _ESCAPE = re.compile(r"%([0-9A-Fa-f]{2})")
 _SLASHES = re.compile(r"//+")
 
 
-def _normalized(path: str) -> str:
-    """``path`` as routes see it, and as it goes on to the app.
-
-    As nginx does before it matches a location: escapes of the characters a
-    prefix may hold are decoded (``/%62log`` is ``/blog``, ``/c%2B%2B`` is
-    ``/c++``), repeated slashes merged, and dot segments removed (RFC 3986
-    section 5.2.4: ``/x/../blog`` is ``/blog``). Else such a path reached
-    the app of another prefix, under its own. Other escapes, ``%2F`` among
-    them, stay as they came.
+def _normalized(path: str, decoded: frozenset[str]) -> str:
+    """``path`` with escapes of the ``decoded`` characters decoded,
+    repeated slashes merged, and dot segments removed (RFC 3986 section
+    5.2.4: ``/x/../blog`` is ``/blog``), as nginx does before it matches a
+    location. Else ``/%62log/post`` or ``/x/../blog/post`` reached the app
+    of another prefix, under its own. Other escapes, ``%2F`` among them,
+    stay as they came. Never a ``/`` more or less: the segments are those
+    of the path as the app gets it, whatever ``decoded`` is.
     """
     if "%" in path:
-        path = _ESCAPE.sub(_decode_prefix_char, path)
+        path = _ESCAPE.sub(lambda escape: _decode_if(escape, decoded), path)
     if "//" in path:
         path = _SLASHES.sub("/", path)
     if "/." not in path:
@@ -494,9 +500,29 @@ def _normalized(path: str) -> str:
     return "/" + "/".join(kept)
 
 
-def _decode_prefix_char(escape: re.Match[str]) -> str:
+def _decode_if(escape: re.Match[str], decoded: frozenset[str]) -> str:
     char = chr(int(escape[1], 16))
-    return char if char in _DECODED else escape[0]
+    return char if char in decoded else escape[0]
+
+
+def _route(router: Router, target: _Target) -> tuple[Route, str, str] | None:
+    """``(route, script_name, path_info)`` for ``target``, or None: matched
+    with every character a prefix may hold decoded, ``path_info`` as the
+    app gets it (only unreserved characters decoded)."""
+    match = router.match(target.host, _normalized(target.path, _DECODED))
+    if match is None:
+        return None
+    route, script_name, _ = match
+    return route, script_name, _below(target.path, script_name)
+
+
+def _below(path: str, prefix: str) -> str:
+    """The part of ``path`` below a matched ``prefix`` (as routes see it),
+    counted in segments: ``/c%2B%2B/admin`` below ``/c++`` is ``/admin``."""
+    if not prefix:
+        return path
+    rest = path.split("/")[prefix.count("/") + 1 :]
+    return "/" + "/".join(rest) if rest else ""
 
 
 def _upstream_request(

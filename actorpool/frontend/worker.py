@@ -50,6 +50,7 @@ _CLIENT_GONE = {
     errno.ENETUNREACH,
     errno.EHOSTDOWN,
     errno.EHOSTUNREACH,
+    errno.ENONET,
     errno.EOPNOTSUPP,
     errno.EPERM,
 }
