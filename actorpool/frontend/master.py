@@ -291,8 +291,7 @@ class _Master:
             self.young_deaths.pop(slot, None)
             delay = 0.0
         else:
-            deaths = self.young_deaths[slot] = self.young_deaths.get(slot, 0) + 1
-            delay = RESTART_DELAYS[min(deaths, len(RESTART_DELAYS)) - 1]
+            delay = self._next_delay(slot)
         what = "metrics process" if slot == METRICS_SLOT else "worker"
         logger.warning(
             "%s %d exited (%s); starting another in %g s",
@@ -314,30 +313,30 @@ class _Master:
                     else:
                         self._fork_worker(slot)
                 except OSError as exc:  # EAGAIN, ENOMEM: tried again later
-                    deaths = self.young_deaths[slot] = (
-                        self.young_deaths.get(slot, 0) + 1
-                    )
-                    delay = RESTART_DELAYS[min(deaths, len(RESTART_DELAYS)) - 1]
+                    delay = self._next_delay(slot)
                     logger.error("cannot fork (%s); trying again in %g s", exc, delay)
                     self.due[slot] = now + delay
 
+    def _next_delay(self, slot: int) -> float:
+        """One more failure in a row for ``slot``: how long to wait now."""
+        deaths = self.young_deaths[slot] = self.young_deaths.get(slot, 0) + 1
+        return RESTART_DELAYS[min(deaths, len(RESTART_DELAYS)) - 1]
+
     def _restart_all(self) -> None:
         assert self.server is not None
+        pool = None
         try:
             pool = self.server.connect()
-        except (ActorPoolError, OSError) as exc:  # EMFILE: not the serve's end
-            logger.error("SIGHUP: restarting the apps failed: %s", exc)
-            return
-        try:
             apps = {route.app_root for route in self.options.worker.router.routes}
             apps.update(app.app_root for app in pool.statistics().apps)
             for app_root in sorted(apps):
                 pool.restart_app(app_root)
             logger.info("SIGHUP: restarted %d app(s)", len(apps))
-        except (ActorPoolError, OSError) as exc:
+        except (ActorPoolError, OSError) as exc:  # EMFILE: not the serve's end
             logger.error("SIGHUP: restarting the apps failed: %s", exc)
         finally:
-            pool.close()
+            if pool is not None:
+                pool.close()
 
     # --- children ------------------------------------------------------------------
 
