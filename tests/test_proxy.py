@@ -935,9 +935,20 @@ def test_an_absolute_form_target_that_cannot_be_read_gets_400(
     """urlsplit's ValueError escaped serve_client: no answer at all."""
     proxy = front([app])
     with proxy.raw() as sock:
+        # The request is well framed, so the connection stays open after the
+        # 400 and serves the next one (waiting for EOF here raced the
+        # front end's idle timeout against the socket's).
         sock.sendall(b"GET http://[::1/x HTTP/1.1\r\nHost: x\r\n\r\n")
-        assert recv_all(sock).startswith(b"HTTP/1.1 400 ")
-    assert proxy.get("/env")[0] == 200
+        first = http.client.HTTPResponse(sock)
+        first.begin()
+        assert first.status == 400
+        first.read()
+        # Sent only now, so the first response's buffer cannot hold any of it.
+        sock.sendall(b"GET /env HTTP/1.1\r\nHost: x\r\n\r\n")
+        second = http.client.HTTPResponse(sock)
+        second.begin()
+        assert second.status == 200
+        second.read()
 
 
 def test_an_oversized_request_head_gets_431(front: StartFront, app: str) -> None:
