@@ -10,12 +10,14 @@ import http.client
 import logging
 import os
 import pwd
+import shutil
 import signal
 import socket
 import stat
 import struct
 import subprocess
 import sys
+import tempfile
 import termios
 import textwrap
 import threading
@@ -1345,15 +1347,18 @@ def write_uid_app(root: Path, owner: int, server: str = ECHO_SERVER) -> str:
 
 
 @pytest.fixture
-def public_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A directory other users can enter (pytest's own are 0700)."""
-    path = tmp_path_factory.mktemp("public")
-    path.chmod(0o755)
-    for parent in path.parents:
-        if parent == Path("/tmp") or parent == parent.parent:
-            break
-        parent.chmod(parent.stat().st_mode | 0o005)
-    return path
+def public_dir() -> Iterator[Path]:
+    """A directory other users can enter.
+
+    Not under pytest's base directory: that is 0700, and opening it up
+    does not last, since every pytest run that starts sets it back.
+    """
+    path = Path(tempfile.mkdtemp(prefix="actorpool-test-public-"))
+    try:
+        path.chmod(0o755)
+        yield path
+    finally:
+        shutil.rmtree(path)
 
 
 def uid_of(session: Session) -> int:
@@ -1379,13 +1384,11 @@ def test_a_root_server_runs_apps_as_a_lesser_user(
     app = write_uid_app(public_dir / "app", pwd.getpwnam(owner).pw_uid)
     server = ApplicationPoolServer(PoolConfig(user=configured), spawner=DirectSpawner())
     try:
-        pool = server.connect()
-        with pool.get(app) as session:
+        with server.connect() as pool, pool.get(app) as session:
             assert uid_of(session) == pwd.getpwnam(expected).pw_uid
             directory = os.path.dirname(session.socket.getpeername())
             assert os.stat(directory).st_uid == pwd.getpwnam(expected).pw_uid
             assert stat.S_IMODE(os.stat(directory).st_mode) == 0o700
-        pool.close()
     finally:
         server.close()
     assert not os.path.exists(directory)
@@ -1434,10 +1437,8 @@ def test_a_command_app_has_its_users_supplementary_groups(
         PoolConfig(user=user.pw_name), spawner=DirectSpawner()
     )
     try:
-        pool = server.connect()
-        with pool.get(app) as session:
+        with server.connect() as pool, pool.get(app) as session:
             groups = {int(gid) for gid in fetch(session).split("groups=")[1].split()}
-        pool.close()
     finally:
         server.close()
     expected = set(os.getgrouplist(user.pw_name, user.pw_gid))
