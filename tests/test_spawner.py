@@ -353,10 +353,12 @@ def test_an_instance_whose_spawn_ends_just_as_the_actor_stops_is_stopped(
     rig.actor.tell(StopInstance(1))
     assert first.stopping.wait(WAIT)  # the actor is busy in first.stop()
     rig.actor.stop(block=False)  # the stop message is queued ...
-    scripted.gates[2].set()
+    # Found before its gate opens: the actor started it before it took
+    # StopInstance(1), and once open it may end before a later lookup.
     spawn_thread = next(
         t for t in threading.enumerate() if t.name == "actorpool-spawn-2"
     )
+    scripted.gates[2].set()
     spawn_thread.join(WAIT)  # ... and the second instance's report behind it
     first.may_stop.set()
 

@@ -311,7 +311,11 @@ def test_spawn_timeout_kills_a_slow_start(
         "import sys, threading\nprint('loading', flush=True)\n"
         "threading.Event().wait()\n",
     )
-    pool = serve(make_spawner(), spawn_timeout=0.5).connect()
+    # The direct worker must start an interpreter and print within the
+    # timeout for its output to be checked: a second or more on a loaded
+    # machine. The smart spawner's output is not checked.
+    timeout = 3.0 if make_spawner is DirectSpawner else 0.5
+    pool = serve(make_spawner(), spawn_timeout=timeout).connect()
     with pytest.raises(SpawnError, match="spawn_timeout") as raised:
         pool.get(app)
     assert "loading" in raised.value.output or make_spawner is SmartSpawner
@@ -419,7 +423,9 @@ def test_an_idle_preloader_is_stopped_and_its_workers_live_on(
     tmp_path: Path,
 ) -> None:
     app = write_app(tmp_path / "app")
-    pool = serve(SmartSpawner(max_preloader_idle_time=0.2)).connect()
+    # Idle long enough for the reply to reach the test and the count below
+    # to run before the preloader stops, even on a loaded machine.
+    pool = serve(SmartSpawner(max_preloader_idle_time=1.5)).connect()
     with pool.get(app) as session:
         worker = session.pid
         assert len(processes_in(tmp_path)) == 2  # the preloader and the worker
@@ -570,7 +576,10 @@ def first_spawn(
 
 
 def test_a_preloader_that_does_not_fork_in_time_is_replaced(
-    smart: tuple[SmartSpawner, str], tmp_path: Path, wait_until: Callable[..., None]
+    smart: tuple[SmartSpawner, str],
+    tmp_path: Path,
+    wait_until: Callable[..., None],
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """A spawn whose preloader does not answer fails within its timeout, and
     the next spawn of the app gets a new preloader.
@@ -579,6 +588,9 @@ def test_a_preloader_that_does_not_fork_in_time_is_replaced(
     lock stop() takes: the spawn hung for ever, and so did every later spawn
     of the app (and close()).
     """
+    # The late worker is stopped only if its answer comes within this wait;
+    # SIGCONT and two forks must fit in it however slow the machine is.
+    monkeypatch.setattr(smart_module, "LATE_ANSWER_WAIT", 30.0)
     spawner, socket_dir = smart
     app, instances, stuck, stuck_pid = first_spawn(spawner, socket_dir, tmp_path)
     live = spawner._live
@@ -903,19 +915,19 @@ def test_join_waits_for_a_reaper_another_thread_is_still_starting(
 
         joiner = threading.Thread(target=join)
         joiner.start()
+
         # It either fails at once (before the fix) or waits for the reaper.
-        wait_until(
-            lambda: (
-                not joiner.is_alive()
-                or "wait"
-                in traceback.format_stack(sys._current_frames()[joiner.ident])[-1]
-            ),
-            what="join() to fail or to wait",
-        )
+        def failed_or_waiting() -> bool:
+            frame = sys._current_frames().get(joiner.ident or 0)
+            return frame is None or "wait" in traceback.format_stack(frame)[-1]
+
+        wait_until(failed_or_waiting, what="join() to fail or to wait")
         go_on.set()
         joiner.join(10)
         assert failures == []
-        assert preloader._control.fileno() == -1  # the reaper's work is done
+        # join() waits KILL_GRACE at most, which a slow machine may use up
+        # before go_on is set: the reaper's work is then done a moment later.
+        wait_until(lambda: preloader._control.fileno() == -1, what="the reaper's work")
     finally:
         go_on.set()
         stopper.join(10)
