@@ -79,19 +79,26 @@ def test_sigkill_of_the_server_stops_a_process_still_loading_its_app(
     returns (waiting on a database, say) kept its process for ever. Two such
     preloaders, left by test runs, were found on the test machine.
     """
-    app = write_app(tmp_path / "app", "import threading\nthreading.Event().wait()\n")
+    importing = tmp_path / "importing"
+    app = write_app(
+        tmp_path / "app",
+        f"import pathlib, threading\npathlib.Path({str(importing)!r}).touch()\n"
+        "threading.Event().wait()\n",
+    )
     server = ApplicationPoolServer(
         PoolConfig(user=me(), spawn_timeout=60), spawner=make_spawner()
     )
     pool = server.connect()
     try:
         pending = threads.submit(pool.get, app)
-        wait_until(lambda: processes_in(tmp_path), 10, "the app's process")
+        # In the app's import, so the process is past its own start-up and
+        # what follows measures only how it answers the lifeline.
+        wait_until(importing.exists, 30, "the app's import")
         os.kill(server.pid, signal.SIGKILL)
         with pytest.raises(ActorPoolError):
             pending.result(timeout=10)
         # /proc is read on every check: no sleeping.
-        wait_until(lambda: not processes_in(tmp_path), 3, "the process to go")
+        wait_until(lambda: not processes_in(tmp_path), 5, "the process to go")
     finally:
         for pid in processes_in(tmp_path):
             os.kill(pid, signal.SIGKILL)
