@@ -6,6 +6,7 @@ import copy
 import importlib
 import json
 import select
+import socket
 import subprocess
 import sys
 import threading
@@ -228,7 +229,7 @@ def get(url: str) -> tuple[int, str]:
 @pytest.fixture
 def metrics_url() -> Iterator[str]:
     """A metrics server for DATA on a free port, in a thread, stopped at teardown."""
-    server = make_metrics_server("127.0.0.1", 0, lambda: DATA)
+    server = make_metrics_server(socket.create_server(("127.0.0.1", 0)), lambda: DATA)
     # A short poll interval: shutdown() waits for serve_forever's next poll.
     thread = threading.Thread(
         target=server.serve_forever, kwargs={"poll_interval": 0.02}, daemon=True
@@ -260,11 +261,13 @@ def test_server_answers_404_off_the_metrics_path(metrics_url: str, path: str) ->
 
 
 SERVE = """
-import json, sys
+import json, socket, sys
 from actorpool.frontend.metrics import serve_metrics
 
 data = json.loads(sys.argv[1])
-serve_metrics("127.0.0.1", 0, lambda: data, ready=lambda port: print(port, flush=True))
+listener = socket.create_server(("127.0.0.1", 0))
+print(listener.getsockname()[1], flush=True)
+serve_metrics(listener, lambda: data)
 """
 
 
@@ -278,7 +281,7 @@ def test_serve_metrics_in_a_process_of_its_own() -> None:
         try:
             assert child.stdout is not None
             readable, _, _ = select.select([child.stdout], [], [], 30)
-            assert readable, "serve_metrics never called ready"
+            assert readable, "the child never printed its port"
             port = int(child.stdout.readline())
             status, text = get(f"http://127.0.0.1:{port}/metrics")
             assert status == 200

@@ -3,7 +3,6 @@ the command in a subprocess, a real HTTP client, real app processes."""
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import http.client
 import json
@@ -475,22 +474,36 @@ def test_status_finds_the_only_running_serve(
 
 
 def test_metrics_are_scraped(serve: Callable[..., Serve], tmp_path: Path) -> None:
-    with contextlib.closing(socket.socket()) as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    running = serve(
-        write_app(tmp_path / "hello"), "--metrics-bind", f"127.0.0.1:{port}"
+    # Port 0: the master binds it once, says which port it got, and holds it
+    # (a port picked here and bound later by the serve could be taken first).
+    running = serve(write_app(tmp_path / "hello"), "--metrics-bind", "127.0.0.1:0")
+    assert running.process.stdout is not None
+    line = running.process.stdout.readline()
+    match = re.fullmatch(
+        r"actorpool serve: metrics (http://127\.0\.0\.1:\d+/metrics)\n", line
     )
+    assert match, line
+    url = match[1]
     running.request("/")
 
     def scrape() -> str:
         try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics") as page:
+            with urllib.request.urlopen(url, timeout=10) as page:
                 return str(page.read().decode())
         except OSError:
             return ""
 
     wait_for(lambda: "actorpool_pool_processes 1.0" in scrape(), "the metrics")
+    # A metrics process that dies is replaced on the same socket.
+    status = running.status()
+    children = Path(f"/proc/{running.master}/task/{running.master}/children")
+    metrics_pids = set(map(int, children.read_text().split())) - {
+        status["server_pid"],
+        *status["workers"],  # type: ignore[misc]
+    }
+    assert len(metrics_pids) == 1, metrics_pids
+    os.kill(metrics_pids.pop(), signal.SIGKILL)
+    wait_for(lambda: "actorpool_pool_processes 1.0" in scrape(), "a new one")
 
 
 def test_a_bad_option_is_a_clear_error(tmp_path: Path) -> None:

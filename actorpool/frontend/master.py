@@ -101,15 +101,19 @@ def private_dir(path: str) -> str:
 def serve(options: ServeOptions) -> int:
     """Run until SIGTERM or SIGINT; the exit status."""
     listeners = _listen(options.host, options.port, options.workers)
+    metrics_listener = None
     try:
         if options.metrics is not None:
-            # Checked here, where it can stop the start: the metrics process
-            # binds it again itself.
-            _listen(*options.metrics, 1)[0].close()
-        master = _Master(options, listeners)
+            # Bound here, once, and held: an address in use stops the start,
+            # a metrics process that is replaced serves the same socket (no
+            # one can take the port in between), and port 0 is one port.
+            metrics_listener = _listen_once(*options.metrics)
+        master = _Master(options, listeners, metrics_listener)
     except BaseException:
         for listener in listeners:
             listener.close()
+        if metrics_listener is not None:
+            metrics_listener.close()
         raise
     try:
         return master.run()
@@ -121,6 +125,18 @@ def _listen(host: str, port: int, count: int) -> list[socket.socket]:
     """:func:`_listeners`, failing with an error that names the address."""
     try:
         return _listeners(host, port, count)
+    except OSError as exc:
+        where = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+        raise ActorPoolError(
+            f"cannot listen on {where}: {exc.strerror or exc}"
+        ) from exc
+
+
+def _listen_once(host: str, port: int) -> socket.socket:
+    """One socket bound to ``(host, port)``, without ``SO_REUSEPORT``."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    try:
+        return socket.create_server((host, port), family=family, backlog=64)
     except OSError as exc:
         where = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
         raise ActorPoolError(
@@ -162,9 +178,15 @@ def _listeners(host: str, port: int, count: int) -> list[socket.socket]:
 
 
 class _Master:
-    def __init__(self, options: ServeOptions, listeners: list[socket.socket]) -> None:
+    def __init__(
+        self,
+        options: ServeOptions,
+        listeners: list[socket.socket],
+        metrics_listener: socket.socket | None = None,
+    ) -> None:
         self.options = options
         self.listeners = listeners
+        self.metrics_listener = metrics_listener
         self.started = time.time()
         self.workers: dict[int, int] = {}  # pid -> its listener's index
         self.started_at: dict[int, float] = {}  # slot -> when its worker was forked
@@ -198,15 +220,17 @@ class _Master:
             raise ActorPoolError(
                 f"cannot make the status socket {self.status_path}: {exc}"
             ) from exc
-        host, port = self.listeners[0].getsockname()[:2]
-        if ":" in host:
-            host = f"[{host}]"
         print(
-            f"actorpool serve: http://{host}:{port}/ (master pid {os.getpid()}, "
-            f"pool server pid {self.server.pid})\n"
+            f"actorpool serve: {_url(self.listeners[0])} (master pid "
+            f"{os.getpid()}, pool server pid {self.server.pid})\n"
             f"actorpool serve: status socket {self.status_path}",
             flush=True,
         )
+        if self.metrics_listener is not None:
+            print(
+                f"actorpool serve: metrics {_url(self.metrics_listener)}metrics",
+                flush=True,
+            )
         try:
             # In the try: a fork that fails (EAGAIN) must not leave the
             # workers forked before it running without a master.
@@ -248,6 +272,8 @@ class _Master:
                 os.unlink(self.status_path)
         for listener in self.listeners:
             listener.close()
+        if self.metrics_listener is not None:
+            self.metrics_listener.close()
         os.close(self.wake_r)
         os.close(self.wake_w)
 
@@ -349,6 +375,8 @@ class _Master:
             try:
                 listener = self.listeners[slot]
                 others = [s.detach() for s in self.listeners if s is not listener]
+                if self.metrics_listener is not None:
+                    others.append(self.metrics_listener.detach())
                 status = run_worker(
                     listener,
                     self.server,
@@ -381,15 +409,14 @@ class _Master:
         from actorpool.frontend.metrics import serve_metrics
 
         assert self.server is not None
-        assert self.options.metrics is not None
+        assert self.metrics_listener is not None
         for fd in self._inherited():
             os.close(fd)
         for listener in self.listeners:
             listener.close()
         pool = self.server.connect()
         self.server.detach()
-        host, port = self.options.metrics
-        serve_metrics(host, port, lambda: self._status_data(pool))
+        serve_metrics(self.metrics_listener, lambda: self._status_data(pool))
         return 0
 
     def _inherited(self) -> list[int]:
@@ -517,6 +544,14 @@ def fork_without_signals() -> int:
     finally:
         signal.pthread_sigmask(signal.SIG_SETMASK, held)
     return pid
+
+
+def _url(listener: socket.socket) -> str:
+    """``http://host:port/`` of a listening socket."""
+    host, port = listener.getsockname()[:2]
+    if ":" in host:
+        host = f"[{host}]"
+    return f"http://{host}:{port}/"
 
 
 def _listen_private(path: str) -> socket.socket:

@@ -14,7 +14,7 @@ import threading
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from socketserver import ThreadingMixIn
 from typing import Any
-from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
+from wsgiref.simple_server import WSGIRequestHandler, WSGIServer
 
 try:
     from prometheus_client import CollectorRegistry, make_wsgi_app
@@ -134,6 +134,20 @@ class _Server(ThreadingMixIn, WSGIServer):
     # A scrape stuck on a slow client must not keep the process from exiting.
     daemon_threads = True
 
+    def __init__(self, listener: socket.socket) -> None:
+        # Bound and listening already: the master binds once and holds the
+        # socket, so a metrics process that is replaced serves the same port.
+        self.address_family = listener.family
+        super().__init__(
+            listener.getsockname()[:2], _QuietHandler, bind_and_activate=False
+        )
+        self.socket.close()  # the one TCPServer made, never bound
+        self.socket = listener
+        self.server_address = listener.getsockname()
+        host, port = self.server_address[:2]
+        self.server_name, self.server_port = str(host), int(port)
+        self.setup_environ()
+
 
 class _QuietHandler(WSGIRequestHandler):
     def log_request(self, code: int | str = "-", size: int | str = "-") -> None:
@@ -153,43 +167,28 @@ def _only_metrics_path(app: Any) -> Any:
     return wsgi
 
 
-def make_metrics_server(host: str, port: int, fetch: Fetch) -> WSGIServer:
-    """An HTTP server bound to ``(host, port)`` for ``/metrics``, not serving yet.
+def make_metrics_server(listener: socket.socket, fetch: Fetch) -> WSGIServer:
+    """An HTTP server for ``/metrics`` on ``listener``, not serving yet.
 
-    Its registry holds only a :class:`PoolCollector` on ``fetch``. Port 0 picks
-    a free port (``server.server_port``). The caller runs ``serve_forever()``,
+    ``listener`` is a TCP socket already bound and listening (as
+    :func:`socket.create_server` makes one); the server takes it over and
+    closes it when it is closed. Its registry holds only a
+    :class:`PoolCollector` on ``fetch``. The caller runs ``serve_forever()``,
     stops it with ``shutdown()`` from another thread and closes it
     (``server_close()``, or use it as a context manager).
     """
     registry = CollectorRegistry()
     registry.register(PoolCollector(fetch))
-
-    class Server(_Server):
-        address_family = socket.AF_INET6 if ":" in host else socket.AF_INET
-
-    return make_server(
-        host,
-        port,
-        _only_metrics_path(make_wsgi_app(registry)),
-        server_class=Server,
-        handler_class=_QuietHandler,
-    )
+    server = _Server(listener)
+    server.set_app(_only_metrics_path(make_wsgi_app(registry)))
+    return server
 
 
-def serve_metrics(
-    host: str,
-    port: int,
-    fetch: Fetch,
-    *,
-    ready: Callable[[int], None] | None = None,
-) -> None:
-    """Serve ``/metrics`` on ``(host, port)`` until the process ends (blocking).
+def serve_metrics(listener: socket.socket, fetch: Fetch) -> None:
+    """Serve ``/metrics`` on ``listener`` until the process ends (blocking).
 
     Meant for a process of its own (the master forks one), so each scrape may
-    run in a thread. ``ready``, if given, is called with the bound port (the
-    one picked when ``port`` is 0) once it listens.
+    run in a thread.
     """
-    with make_metrics_server(host, port, fetch) as server:
-        if ready is not None:
-            ready(server.server_port)
+    with make_metrics_server(listener, fetch) as server:
         server.serve_forever()
