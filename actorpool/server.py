@@ -302,17 +302,29 @@ def _run_server(boot: _Bootstrap, status: Any) -> None:
             )
         )
     except BaseException as exc:
-        status.write(f"{exc!r}\n".encode())
+        with contextlib.suppress(OSError):  # the creator may be gone
+            status.write(f"{exc!r}\n".encode())
         _stop_all(started)
         shutil.rmtree(socket_dir, ignore_errors=True)
         raise
-    status.write(b"ready\n")
-    status.close()
-    logger.info("pool server ready (pid %d, sockets in %s)", os.getpid(), socket_dir)
-    stopping.wait()
-    logger.info("pool server stopping")
-    _stop_all(started)
-    shutil.rmtree(socket_dir, ignore_errors=True)
+    try:
+        try:
+            status.write(b"ready\n")
+            status.close()
+        except OSError as exc:
+            # The creator died (or gave up) before it read the word: nobody
+            # else can hold the channel yet. Without this the actors' threads
+            # would keep the process alive with no one left to stop them.
+            logger.warning("pool server's creator is gone (%s); stopping", exc)
+            return
+        logger.info(
+            "pool server ready (pid %d, sockets in %s)", os.getpid(), socket_dir
+        )
+        stopping.wait()
+        logger.info("pool server stopping")
+    finally:
+        _stop_all(started)
+        shutil.rmtree(socket_dir, ignore_errors=True)
 
 
 class _StopRequest:

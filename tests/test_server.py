@@ -6,7 +6,9 @@ through the public client API, the way a user's prefork workers would.
 
 from __future__ import annotations
 
+import logging
 import os
+import pickle
 import random
 import resource
 import signal
@@ -25,11 +27,13 @@ from actorpool import (
     ApplicationPool,
     ApplicationPoolServer,
     GetTimeoutError,
+    PoolConfig,
     QueueFullError,
     ServerGoneError,
     Session,
     SpawnError,
 )
+from actorpool.server import _BOOT, _Bootstrap
 from actorpool.testing import FakeSpawner
 
 pytestmark = pytest.mark.slow
@@ -518,6 +522,40 @@ def test_server_stops_when_every_holder_lets_go(
     assert server._process.wait(10) == 0
     with pytest.raises(Exception, match="detached"):
         server.connect()
+
+
+def test_a_server_whose_creator_died_before_it_was_ready_stops(
+    spawner: FakeSpawner,
+) -> None:
+    """Started as the constructor starts it, but with the creator's ends of
+    the status pipe and the connect channel closed, as its death closes
+    them. Before, writing "ready" raised BrokenPipeError in the main thread,
+    the actors' threads kept the process alive and nothing would stop them
+    (SIGTERM only set a flag nobody waited on any more)."""
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    boot = _Bootstrap(PoolConfig(), spawner, theirs.fileno(), logging.WARNING)
+    payload = pickle.dumps((list(sys.path), pickle.dumps(boot)))
+    with subprocess.Popen(
+        [sys.executable, "-c", _BOOT],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        pass_fds=(theirs.fileno(),),
+        start_new_session=True,
+    ) as process:
+        theirs.close()
+        ours.close()
+        assert process.stdout is not None
+        assert process.stdin is not None
+        process.stdout.close()
+        process.stdin.write(payload)
+        process.stdin.close()
+        try:
+            assert process.wait(20) == 0
+        finally:
+            process.kill()
+        assert process.stderr is not None
+        assert b"creator is gone" in process.stderr.read()
 
 
 def test_close_after_detach_still_stops_the_server_gracefully(
