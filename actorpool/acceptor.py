@@ -145,9 +145,23 @@ class AcceptorActor(pykka.ThreadingActor):
             os.close(fd)
             logger.warning("ignoring a CONNECT with no socket: %s", exc)
             return
+        try:
+            self._take(sock)
+        except Exception:
+            # The acceptor's failure stops the server: nothing one client
+            # sends may cause it. That connection is dropped; the rest go on.
+            logger.exception("dropping a connection the acceptor could not take")
+            sock.close()
+
+    def _take(self, sock: socket.socket) -> None:
         if sock.family != socket.AF_UNIX or sock.type != socket.SOCK_STREAM:
             sock.close()
-            logger.warning("ignoring a CONNECT with a %s socket", sock.type.name)
+            # %r: a type the socket module has no name for is a bare int.
+            logger.warning(
+                "ignoring a CONNECT with a socket of family %r, type %r",
+                sock.family,
+                sock.type,
+            )
             return
         self._clients = [c for c in self._clients if c.is_alive()]
         if len(self._clients) >= self._max_clients:
