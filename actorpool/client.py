@@ -374,6 +374,16 @@ class ApplicationPool:
                     self._notify(CloseSession(reply.session_id))
             raise
 
+    def _relock(self, pending: BaseException | None) -> BaseException | None:
+        """Take the lock back, whatever signal handlers raise meanwhile
+        (a wait for a lock can be interrupted); the first thing raised."""
+        while True:
+            try:
+                self._lock.acquire()
+                return pending
+            except BaseException as exc:
+                pending = pending or exc
+
     def _follow(self, request_id: int) -> None:
         """Wait (lock held) until the reader has news for ``request_id``."""
         follower = self._followers.get(request_id)
@@ -386,13 +396,21 @@ class ApplicationPool:
         self._reading = True
         try:
             self._lock.release()
+            data: bytes | None
+            interrupted: BaseException | None = None
             try:
                 data = self._sock.recv(_RECV_SIZE)
             except OSError:
                 data = b""
-            finally:
-                self._lock.acquire()
-            self._feed(data)
+            except BaseException as exc:  # a signal handler raised: nothing read
+                data, interrupted = None, exc
+            interrupted = self._relock(interrupted)
+            # What was read is fed even if a signal came since: it may hold
+            # other threads' replies, which would be lost with it.
+            if data is not None:
+                self._feed(data)
+            if interrupted is not None:
+                raise interrupted
         finally:
             self._reading = False
             for request_id, follower in self._followers.items():

@@ -247,6 +247,58 @@ def test_a_get_interrupted_after_its_grant_came_in_gives_the_session_back(
     assert pool._replies == {}
 
 
+class InterruptedRelock:
+    """The pool's lock, but a wait to take it back after reading (the
+    leader's) is interrupted once, as a signal whose handler raises would."""
+
+    def __init__(self, pool: ApplicationPool) -> None:
+        self.pool = pool
+        self.lock = pool._lock
+        self.armed = False
+        self.fired = False
+
+    def acquire(self) -> bool:
+        if self.armed:
+            self.armed, self.fired = False, True
+            raise KeyboardInterrupt
+        return self.lock.acquire()
+
+    def release(self) -> None:
+        # The leader releases the lock to read; its next acquire is the one.
+        self.armed = self.pool._reading and not self.fired
+        self.lock.release()
+
+    def __enter__(self) -> bool:
+        return self.acquire()
+
+    def __exit__(self, *_exc: object) -> None:
+        self.release()
+
+
+def test_a_leader_interrupted_taking_the_lock_back_keeps_what_it_read(
+    pair: Pair, listener: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Before, the bytes it had read were dropped (other threads' replies
+    with them; here the grant, so the session was never given back), and
+    the unlocked lock's release raised RuntimeError over the interrupt."""
+    connect, server = pair
+    pool = connect()
+    relock = InterruptedRelock(pool)
+    monkeypatch.setattr(pool, "_lock", relock)
+    grant_the_next_get(server, 58, listener)
+    with pytest.raises(KeyboardInterrupt):
+        pool.get("/srv/a")
+    assert relock.fired
+    assert server.receive() == CloseSession(58)
+    monkeypatch.undo()
+    answered = threading.Thread(
+        target=lambda: server.send(Done(server.request().request_id))
+    )
+    answered.start()
+    pool.clear()  # the connection carries on
+    answered.join(WAIT)
+
+
 def test_a_grant_that_cannot_get_a_socket_is_given_back(
     pair: Pair, listener: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
