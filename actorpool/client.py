@@ -113,6 +113,9 @@ class Session:
 
     def close(self) -> None:
         """Close the socket and give the process back to the pool."""
+        if self._pool._forks != _forks:  # a forked child (see _forks)
+            self._close_copy()
+            return
         with self._lock:
             if self._closed:
                 return
@@ -127,12 +130,23 @@ class Session:
         and starts another when one is needed. Like :meth:`close`,
         idempotent, and nothing once closed.
         """
+        if self._pool._forks != _forks:  # a forked child (see _forks)
+            self._close_copy()
+            return
         with self._lock:
             if self._closed:
                 return
             self._closed = True
         self.socket.close()
         self._pool._notify(SessionFailed(self.id))
+
+    def _close_copy(self) -> None:
+        # In a forked child: the session is the parent's, so only this
+        # process's copy of the socket is closed, and without the lock, which
+        # a thread of the parent may have held at fork() (it is never
+        # released here).
+        self._closed = True
+        self.socket.close()
 
     def __enter__(self) -> Session:
         return self
@@ -275,17 +289,20 @@ class ApplicationPool:
 
     def close(self) -> None:
         """Close the connection. Sessions still open are released by the server."""
+        if self._forks != _forks:
+            # The connection is the parent's: only this process's copy of the
+            # socket is closed. No shutdown (it would end the parent's
+            # connection too), and no lock: a thread of the parent may have
+            # held it at fork(), and none here will ever release it.
+            self._sock.close()
+            return
         with self._lock:
             if self._error is None:
                 self._error = ServerGoneError("this ApplicationPool was closed")
             for follower in self._followers.values():
                 follower.notify()
-        if self._forks == _forks:
-            # Wakes a thread of ours blocked reading. Not in a forked child:
-            # the socket is shared with the parent, whose connection it is, and
-            # no thread of the child can be reading it.
-            with contextlib.suppress(OSError):
-                self._sock.shutdown(socket.SHUT_RDWR)
+        with contextlib.suppress(OSError):  # wakes a thread of ours reading
+            self._sock.shutdown(socket.SHUT_RDWR)
         self._sock.close()
 
     def __enter__(self) -> ApplicationPool:

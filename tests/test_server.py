@@ -16,6 +16,8 @@ import socket
 import subprocess
 import sys
 import textwrap
+import threading
+import warnings
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -37,6 +39,9 @@ from actorpool.server import _BOOT, _Bootstrap
 from actorpool.testing import FakeSpawner
 
 pytestmark = pytest.mark.slow
+
+WAIT = 10.0
+"""Seconds a test waits for what should happen at once."""
 
 StartServer = Callable[..., ApplicationPoolServer]
 WaitUntil = Callable[..., None]
@@ -704,6 +709,48 @@ def test_closing_an_inherited_pool_in_a_child_leaves_the_parents_alone(
     assert os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]) == 0
     with pool.get(app) as session:
         assert greeting(session) == (app, session.pid)
+
+
+def test_closing_in_a_child_forked_while_a_parent_thread_held_the_lock(
+    start_server: StartServer, spawner: FakeSpawner, make_app: Callable[[str], str]
+) -> None:
+    """A lock held by another thread at fork() stays held in the child for
+    ever: close() took the pool's lock, and Session.close() its own, before
+    noticing it was in a child, and hung there."""
+    app = make_app("a")
+    pool = start_server(spawner).connect()
+    session = pool.get(app)
+    locked, release = threading.Event(), threading.Event()
+
+    def hold_the_locks() -> None:
+        with pool._lock, session._lock:
+            locked.set()
+            release.wait(WAIT)
+
+    holder = threading.Thread(target=hold_the_locks)
+    holder.start()
+    try:
+        assert locked.wait(WAIT)
+        with warnings.catch_warnings():  # forking with a thread is the point
+            warnings.simplefilter("ignore", DeprecationWarning)
+            pid = os.fork()
+        if pid == 0:
+            # A hang ends the child with SIGALRM (pytest-timeout's handler
+            # would raise, and the finally below exit 0).
+            signal.signal(signal.SIGALRM, signal.SIG_DFL)
+            signal.alarm(10)
+            try:
+                session.close()
+                pool.close()
+            finally:
+                os._exit(0)
+        assert os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]) == 0
+    finally:
+        release.set()
+        holder.join(WAIT)
+    assert greeting(session) == (app, session.pid)  # the parent's are unharmed
+    session.close()
+    assert pool.statistics().active == 0
 
 
 def test_a_creator_holding_many_descriptors_can_start_a_server(
