@@ -15,4 +15,6 @@ def poll_ms(seconds: float) -> int:
     A wait longer than the cap ends early: callers keep their own deadline
     and poll again.
     """
-    return min(math.ceil(seconds * 1000), MAX_POLL_MS)
+    if not seconds * 1000 < MAX_POLL_MS:  # math.ceil refuses inf and NaN
+        return MAX_POLL_MS
+    return math.ceil(seconds * 1000)

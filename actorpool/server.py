@@ -37,7 +37,7 @@ import pykka
 from actorpool._poll import poll_ms
 from actorpool.acceptor import CONNECT, SHUTDOWN, AcceptorActor
 from actorpool.client import ApplicationPool
-from actorpool.config import PoolConfig
+from actorpool.config import PoolConfig, check_seconds
 from actorpool.errors import ActorPoolError, ServerGoneError
 from actorpool.fdpassing import send_fd
 from actorpool.registry import RegistryActor
@@ -78,6 +78,7 @@ class ApplicationPoolServer:
         if config is not None and not isinstance(config, PoolConfig):
             # Or it would fail in the new process, with an AttributeError.
             raise TypeError(f"config must be a PoolConfig, not {type(config).__name__}")
+        check_seconds("start_timeout", start_timeout, allow_zero=False)
         self.config = config or PoolConfig()
         self._creator_pid = os.getpid()
         self._connect_lock = threading.Lock()

@@ -17,6 +17,7 @@ import http.client
 import io
 import json
 import logging
+import math
 import re
 import select
 import socket
@@ -1095,6 +1096,7 @@ def test_a_very_long_app_timeout_is_waited_in_pieces(
     app.join(10)
     assert recv_head(client_side).startswith(b"HTTP/1.1 200")
     assert poll_ms(3e6) == 2**31 - 1
+    assert poll_ms(math.inf) == poll_ms(math.nan) == 2**31 - 1
 
 
 class _SlowClientClock:

@@ -7,6 +7,7 @@ through the public client API, the way a user's prefork workers would.
 from __future__ import annotations
 
 import logging
+import math
 import os
 import pickle
 import random
@@ -28,6 +29,7 @@ from actorpool import (
     ActorPoolError,
     ApplicationPool,
     ApplicationPoolServer,
+    ConfigError,
     GetTimeoutError,
     PoolConfig,
     QueueFullError,
@@ -589,6 +591,16 @@ def test_a_config_that_is_not_a_pool_config_is_refused_at_once(
 ) -> None:
     with pytest.raises(TypeError, match="PoolConfig, not dict"):
         ApplicationPoolServer({"max_pool_size": 2}, spawner=spawner)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("start_timeout", [math.inf, math.nan, 0, -1, "30"])
+def test_a_bad_start_timeout_is_refused_before_anything_starts(
+    spawner: FakeSpawner, start_timeout: object
+) -> None:
+    """inf and NaN used to start the server, then fail (OverflowError,
+    ValueError) while waiting for it."""
+    with pytest.raises(ConfigError, match="start_timeout"):
+        ApplicationPoolServer(spawner=spawner, start_timeout=start_timeout)  # type: ignore[arg-type]
 
 
 def test_killed_server_gives_server_gone(
