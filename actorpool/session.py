@@ -140,21 +140,26 @@ class Outbox:
             self._write_locked(frame)
 
     def flush(self, timeout: float = SEND_TIMEOUT) -> bool:
-        """Write the queued frames, waiting for room; False if the client is stuck.
+        """Write the queued frames, waiting for room; False if the client is
+        stuck: it took nothing for ``timeout`` seconds.
 
         Waiting happens outside the lock, so other threads' sends only queue
-        behind it and never block.
+        behind it and never block. A client that reads, however slowly, is
+        not dropped: only its own actor waits for it.
         """
         deadline = time.monotonic() + timeout
         while True:
             with self._lock:
                 if self._closed:
                     return True
+                mark = self._left_locked()
                 if not self._drain_locked():
                     return False
                 if not self._backlog:
                     self._flushing = False
                     return True
+                if self._left_locked() != mark:
+                    deadline = time.monotonic() + timeout  # it took some
                 fd = self._sock.fileno()
             remaining = deadline - time.monotonic()
             if remaining <= 0:
@@ -186,6 +191,10 @@ class Outbox:
             self._on_backlog()
         else:
             self._backlog.append(frame)
+
+    def _left_locked(self) -> tuple[int, int]:
+        """What is left to send, to tell whether a drain sent anything."""
+        return (len(self._backlog), len(self._backlog[0]) if self._backlog else 0)
 
     def _drain_locked(self) -> bool:
         while self._backlog:

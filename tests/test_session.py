@@ -14,6 +14,7 @@ import queue
 import socket
 import struct
 import threading
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -448,6 +449,35 @@ def test_outbox_queues_what_does_not_fit_and_flush_delivers_it_in_order() -> Non
         events.append(event)
     assert [e.request_id for e in events] == list(range(1, 201))  # type: ignore[attr-defined]
     theirs.close()
+
+
+def test_outbox_flush_waits_for_a_client_that_reads_slowly() -> None:
+    """SEND_TIMEOUT is a limit on a client taking nothing, not on the whole
+    backlog: before, one that read all along was dropped once the timeout
+    had passed since the flush began."""
+    outbox, _, theirs, _ = _open_outbox()
+    _fill(outbox, 50)  # about 100 KiB, 4 KiB a read
+    done = threading.Event()
+
+    def read_slowly() -> None:
+        theirs.settimeout(WAIT)
+        # Paced, to be a slow client: a read every 0.05 s, well within the
+        # flush's 0.5 s, while the whole backlog takes longer than that.
+        while not done.wait(0.05):
+            if not theirs.recv(4096):
+                return
+
+    reader = threading.Thread(target=read_slowly)
+    reader.start()
+    started = time.monotonic()
+    try:
+        assert outbox.flush(timeout=0.5)
+        assert time.monotonic() - started > 0.5, "the backlog went too fast"
+    finally:
+        done.set()
+        reader.join(WAIT)
+        outbox.close()
+        theirs.close()
 
 
 def test_outbox_flush_gives_up_on_a_client_that_does_not_read() -> None:
