@@ -264,7 +264,12 @@ class ApplicationPool:
         return self.statistics().count
 
     def clear(self) -> None:
-        """Retire every process; busy ones finish their sessions first."""
+        """Retire every process; busy ones finish their sessions first.
+
+        Unlike :meth:`restart_app`, the spawner is not told: a
+        :class:`~actorpool.spawners.SmartSpawner`'s preloaders keep the code
+        they loaded.
+        """
         self._call(Clear)
 
     def set_max_pool_size(self, value: int) -> None:
