@@ -37,6 +37,7 @@ from actorpool.messages import (
 __all__ = [
     "MAX_FRAME_SIZE",
     "MAX_IN_FLIGHT",
+    "MAX_REQUEST_FRAME",
     "NEED_DATA",
     "PEER_CLOSED",
     "TRANSITIONS",
@@ -48,6 +49,11 @@ __all__ = [
 
 MAX_FRAME_SIZE: Final = 1 << 20
 """Largest frame body accepted by default (1 MiB)."""
+
+MAX_REQUEST_FRAME: Final = 64 * 1024
+"""Largest request frame body (64 KiB): every request is far smaller, and
+the server reads client frames with this limit. A request over it is
+refused when it is sent, so it never costs the connection."""
 
 MAX_IN_FLIGHT: Final = 1024
 """Most requests a server accepts from one client before it has replied."""
@@ -219,10 +225,14 @@ class Connection:
                     f"reply to request {message.request_id}, which is not in flight"
                 )
         body = encode(message)
-        # What we send is bounded by what any peer accepts by default, not by
-        # our own (possibly smaller) limit on what we receive.
-        if len(body) > MAX_FRAME_SIZE:
-            raise LocalProtocolError(f"frame of {len(body)} bytes is over the limit")
+        # What we send is bounded by what the peer accepts (a server reads
+        # requests with MAX_REQUEST_FRAME), not by our own (possibly
+        # smaller) limit on what we receive.
+        limit = MAX_REQUEST_FRAME if isinstance(message, Request) else MAX_FRAME_SIZE
+        if len(body) > limit:
+            raise LocalProtocolError(
+                f"frame of {len(body)} bytes is over the {limit}-byte limit"
+            )
         # Every check passed: only now does the connection change.
         self.state = next_state
         if isinstance(message, Request):

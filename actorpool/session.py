@@ -56,7 +56,14 @@ from actorpool.messages import (
     Welcome,
     WireMessage,
 )
-from actorpool.protocol import NEED_DATA, PEER_CLOSED, Connection, Role, State
+from actorpool.protocol import (
+    MAX_REQUEST_FRAME,
+    NEED_DATA,
+    PEER_CLOSED,
+    Connection,
+    Role,
+    State,
+)
 from actorpool.reader import SocketReader
 
 __all__ = ["ClientProxy", "ClientSessionActor", "Flush", "HangUp", "Outbox"]
@@ -66,9 +73,6 @@ logger = logging.getLogger(__name__)
 _FOR_THE_REGISTRY = (Request, CloseSession, SessionFailed)
 """What a client sends that the registry handles. A tuple made once: the
 ``A | B | C`` union would be built anew for every message."""
-
-MAX_REQUEST_FRAME = 64 * 1024
-"""Largest frame a client may send; every request is far smaller."""
 
 SEND_TIMEOUT = 10.0
 """Seconds queued replies may wait for a client that does not read before it

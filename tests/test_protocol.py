@@ -24,6 +24,7 @@ from actorpool.messages import (
     Hello,
     SessionFailed,
     SessionGranted,
+    StatisticsReply,
     Welcome,
     WireMessage,
     decode,
@@ -31,6 +32,7 @@ from actorpool.messages import (
 )
 from actorpool.protocol import (
     MAX_FRAME_SIZE,
+    MAX_REQUEST_FRAME,
     NEED_DATA,
     PEER_CLOSED,
     TRANSITIONS,
@@ -443,9 +445,23 @@ def test_only_an_error_reply_may_carry_id_zero(reply: WireMessage) -> None:
     assert server.state is State.OPEN
 
 
+def test_a_request_is_held_to_the_limit_the_server_reads_requests_with() -> None:
+    """Before, a client sent requests up to MAX_FRAME_SIZE, and one over
+    MAX_REQUEST_FRAME cost it the connection (and every thread using it)."""
+    client = open_client()
+    path = "/" + "x" * MAX_REQUEST_FRAME
+    with pytest.raises(LocalProtocolError, match="limit"):
+        client.send(Get(1, path))
+    assert client.state is State.OPEN
+    assert client.send(Get(1, "/a"))  # the connection carries on
+    server = open_server()
+    events(server, frame(Get(1, "/a")))
+    assert server.send(StatisticsReply(1, {"x": path}))  # replies may be larger
+
+
 def test_a_failed_send_leaves_the_request_id_free() -> None:
     client = open_client()
-    with pytest.raises(LocalProtocolError, match="over the limit"):
+    with pytest.raises(LocalProtocolError, match="over the 65536-byte limit"):
         client.send(Get(1, "/" + "x" * MAX_FRAME_SIZE))
     assert client.in_flight == 0
     assert client.state is State.OPEN

@@ -669,6 +669,19 @@ def test_a_nul_in_an_app_root_fails_that_get_only(
         assert greeting(session) == (app, session.pid)
 
 
+def test_an_app_root_too_long_for_a_request_fails_that_get_only(
+    start_server: StartServer, spawner: FakeSpawner, make_app: Callable[[str], str]
+) -> None:
+    """Before, it was sent, and the server closed the connection on it: every
+    later call, from any thread, raised RemoteProtocolError."""
+    app = make_app("a")
+    pool = start_server(spawner).connect()
+    with pytest.raises(ActorPoolError, match="limit"):
+        pool.get("/" + "a" * 70_000)
+    with pool.get(app) as session:  # the connection carries on
+        assert greeting(session) == (app, session.pid)
+
+
 def test_an_absurd_timeout_does_not_stop_other_timeouts(
     start_server: StartServer,
     spawner: FakeSpawner,

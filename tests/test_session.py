@@ -38,9 +38,15 @@ from actorpool.messages import (
     Welcome,
     WireMessage,
 )
-from actorpool.protocol import MAX_FRAME_SIZE, NEED_DATA, PEER_CLOSED, Connection, Role
-from actorpool.session import (
+from actorpool.protocol import (
+    MAX_FRAME_SIZE,
     MAX_REQUEST_FRAME,
+    NEED_DATA,
+    PEER_CLOSED,
+    Connection,
+    Role,
+)
+from actorpool.session import (
     ClientProxy,
     ClientSessionActor,
     HangUp,

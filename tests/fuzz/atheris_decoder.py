@@ -57,7 +57,7 @@ with atheris.instrument_imports(include=["actorpool"]):
 # are not what is being explored.
 from wire_strategies import cut, feed, frame, hello_frame
 
-from actorpool.session import MAX_REQUEST_FRAME
+from actorpool.protocol import MAX_REQUEST_FRAME
 
 LIMITS = (8, 16, 64, 300, MAX_REQUEST_FRAME, MAX_FRAME_SIZE, 16, 300)
 """Frame limits an input can choose (bits 0-2 of its first byte)."""

@@ -62,12 +62,12 @@ from actorpool.messages import (
     encode,
 )
 from actorpool.protocol import (
+    MAX_REQUEST_FRAME,
     NEED_DATA,
     PEER_CLOSED,
     Connection,
     Role,
 )
-from actorpool.session import MAX_REQUEST_FRAME
 from actorpool.testing import Barrier, take
 
 # --- what should happen -------------------------------------------------------------

@@ -46,9 +46,15 @@ from actorpool.messages import (
     Welcome,
     WireMessage,
 )
-from actorpool.protocol import MAX_FRAME_SIZE, NEED_DATA, PEER_CLOSED, Connection, Role
+from actorpool.protocol import (
+    MAX_FRAME_SIZE,
+    MAX_REQUEST_FRAME,
+    NEED_DATA,
+    PEER_CLOSED,
+    Connection,
+    Role,
+)
 from actorpool.protocol import State as ConnState
-from actorpool.session import MAX_REQUEST_FRAME
 
 HEADER = 4
 """Bytes of the length prefix (``struct ">I"``)."""
