@@ -62,15 +62,22 @@ class ServerGoneError(ActorPoolError, ConnectionError):
 
 
 class ProtocolError(ActorPoolError):
-    """A peer broke the wire protocol; the connection cannot be used any more."""
+    """The wire protocol was about to be, or was, broken.
+
+    A :class:`RemoteProtocolError` ends the connection; a
+    :class:`LocalProtocolError` changes nothing (the message was not sent).
+    """
 
 
 class LocalProtocolError(ProtocolError):
-    """We were about to break the protocol (a bug on our side of the wire)."""
+    """We were about to break the protocol: the message was not sent, and
+    the connection can still be used (too many requests in flight, a request
+    over the size limit, a bug on our side of the wire)."""
 
 
 class RemoteProtocolError(ProtocolError):
-    """The peer sent something the protocol does not allow."""
+    """The peer sent something the protocol does not allow; the connection
+    cannot be used any more."""
 
 
 # The error kinds that may cross the wire in an ErrorReply, by name. The names

@@ -127,8 +127,10 @@ class ApplicationPoolServer:
         Works in the creating process and in any process forked from it that
         has not called :meth:`detach`. Each call gives a separate connection.
         Raises :class:`~actorpool.errors.ServerGoneError` when the server has
-        stopped, and :class:`~actorpool.errors.RemoteProtocolError` when it
-        refuses the connection (its ``max_clients`` reached), saying so.
+        stopped, :class:`~actorpool.errors.RemoteProtocolError` when it
+        refuses the connection (its ``max_clients`` reached), saying so, and
+        :class:`~actorpool.errors.ActorPoolError` after :meth:`detach` or
+        :meth:`close`.
         """
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
