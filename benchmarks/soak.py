@@ -99,7 +99,7 @@ from actorpool import (
 )
 from actorpool.errors import RemoteProtocolError
 from actorpool.messages import CloseSession, SessionFailed, decode
-from actorpool.session import MAX_REQUEST_FRAME
+from actorpool.protocol import MAX_REQUEST_FRAME
 from actorpool.spawner import Spawner
 from actorpool.spawners import DirectSpawner, SmartSpawner
 
