@@ -291,7 +291,11 @@ def _run_server(boot: _Bootstrap, status: Any) -> None:
     started: list[Any] = []
     try:
         spawner = SpawnerActor.start(
-            boot.spawner, socket_dir, boot.config.spawn_timeout, boot.config.user
+            boot.spawner,
+            socket_dir,
+            boot.config.spawn_timeout,
+            boot.config.user,
+            on_fatal=stopping.set,
         )
         started.append(spawner)
         registry = RegistryActor.start(boot.config, spawner, on_fatal=stopping.set)

@@ -20,7 +20,8 @@ import dataclasses
 import logging
 import threading
 import time
-from typing import Any, Protocol
+from collections.abc import Callable
+from typing import Any, Protocol, TypeVar
 
 import pykka
 
@@ -135,12 +136,14 @@ class SpawnerActor(pykka.ThreadingActor):
         socket_dir: str,
         spawn_timeout: float,
         user: str | None = None,
+        on_fatal: Callable[[], None] | None = None,
     ) -> None:
         super().__init__()
         # __init__ runs in the thread that starts the actor, so a spawner that
         # cannot start fails the server's start-up instead of a later spawn.
         spawner.start(socket_dir)
         self._spawner = spawner
+        self._on_fatal = on_fatal
         self._socket_dir = socket_dir
         self._spawn_timeout = spawn_timeout
         self._user = user
@@ -199,7 +202,13 @@ class SpawnerActor(pykka.ThreadingActor):
             thread.join(max(0.0, deadline - time.monotonic()))
 
     def on_failure(self, *_exc_info: object) -> None:
+        # Nothing could be spawned any more, nor an exit reported: the
+        # registry would hand out sessions on stopped processes and leave
+        # waiters waiting. Stop what runs and let the server stop.
+        logger.critical("the spawner actor failed; shutting the pool server down")
         self.on_stop()
+        if self._on_fatal is not None:
+            self._on_fatal()
 
     # --- handlers -----------------------------------------------------------
 
@@ -214,15 +223,22 @@ class SpawnerActor(pykka.ThreadingActor):
             self._spawn_timeout,
             self._user,
         )
-        self._spawning[message.instance_id] = False
         thread = threading.Thread(
             target=self._run_spawn,
             args=(request,),
             name=f"actorpool-spawn-{message.instance_id}",
             daemon=True,
         )
+        try:
+            thread.start()
+        except RuntimeError as exc:  # no thread to be had (a thread limit)
+            logger.error("cannot spawn instance %d: %s", message.instance_id, exc)
+            self._tell_registry(
+                SpawnFailed(message.instance_id, f"cannot start a spawn thread: {exc}")
+            )
+            return
+        self._spawning[message.instance_id] = False
         self._spawn_threads[message.instance_id] = thread
-        thread.start()
         # A backstop for spawners that do not honour request.timeout: the
         # waiters get their SpawnError on time, and whatever the spawn still
         # brings up is stopped (the spawn counts as cancelled).
@@ -232,8 +248,16 @@ class SpawnerActor(pykka.ThreadingActor):
             args=(_Overdue(message.instance_id),),
         )
         overdue.daemon = True
+        try:
+            overdue.start()
+        except RuntimeError as exc:  # the spawn goes on, with its own timeout
+            logger.warning(
+                "no backstop for instance %d's spawn_timeout: %s",
+                message.instance_id,
+                exc,
+            )
+            return
         self._overdue[message.instance_id] = overdue
-        overdue.start()
 
     def _on_stop_instance(self, message: StopInstance) -> None:
         if message.instance_id in self._spawning:
@@ -253,10 +277,10 @@ class SpawnerActor(pykka.ThreadingActor):
     def _on_overdue(self, message: _Overdue) -> None:
         if self._overdue.pop(message.instance_id, None) is None:
             return  # it finished meanwhile
-        if self._spawning.pop(message.instance_id, None) is None:
-            return
+        if self._spawning.pop(message.instance_id, True):
+            return  # gone, or cancelled: the registry forgot it already
         logger.error(
-            "instance %d did not start in %.0f s",
+            "instance %d did not start in %g s",
             message.instance_id,
             self._spawn_timeout,
         )
@@ -277,31 +301,66 @@ class SpawnerActor(pykka.ThreadingActor):
         instance = message.instance
         if instance is None:
             if not cancelled:  # else the registry has forgotten it already
-                error = message.error or SpawnError("spawn failed")
-                self._tell_registry(
-                    SpawnFailed(message.instance_id, error.args[0], error.output)
+                self._spawn_failed(message.instance_id, message.error)
+            return
+        # What a spawner hands back goes on the wire and into the policy: a
+        # wrong type there would fail every client that waits for it, or the
+        # registry itself. Such an instance is a failed spawn.
+        try:
+            ready = InstanceReady(
+                message.instance_id,
+                _checked(instance.pid, int, "pid"),
+                _checked(instance.address, str, "address"),
+                _checked(instance.concurrency, int, "concurrency"),
+            )
+            if ready.pid < 1 or ready.concurrency < 1:
+                raise ValueError(f"pid {ready.pid}, concurrency {ready.concurrency}")
+        except Exception as exc:
+            logger.error(
+                "instance %d: the spawner handed back a bad instance: %s",
+                message.instance_id,
+                exc,
+            )
+            _stop_quietly(instance)
+            if not cancelled:
+                self._spawn_failed(
+                    message.instance_id,
+                    SpawnError(f"the spawner handed back a bad instance: {exc}"),
                 )
             return
-        self._running[message.instance_id] = instance
         watcher = threading.Thread(
             target=self._watch,
             args=(message.instance_id, instance),
             name=f"actorpool-watch-{message.instance_id}",
             daemon=True,
         )
+        try:
+            watcher.start()
+        except RuntimeError as exc:  # no thread: its exit could not be seen
+            _stop_quietly(instance)
+            if not cancelled:
+                self._spawn_failed(
+                    message.instance_id,
+                    SpawnError(f"cannot start a thread to watch the process: {exc}"),
+                )
+            return
+        self._running[message.instance_id] = instance
         self._watchers[message.instance_id] = watcher
-        watcher.start()
         if cancelled:
             _stop_quietly(instance)
             return
-        self._tell_registry(
-            InstanceReady(
-                message.instance_id,
-                instance.pid,
-                instance.address,
-                instance.concurrency,
-            )
-        )
+        self._tell_registry(ready)
+
+    def _spawn_failed(self, instance_id: int, error: BaseException | None) -> None:
+        """Tell the registry, with text the wire can carry whatever the
+        spawner put in its error (bytes from a pipe, say)."""
+        message = str(error.args[0]) if error is not None and error.args else ""
+        output = getattr(error, "output", "")
+        if isinstance(output, bytes):
+            output = output.decode(errors="replace")
+        elif not isinstance(output, str):
+            output = repr(output)
+        self._tell_registry(SpawnFailed(instance_id, message or "spawn failed", output))
 
     def _on_exited(self, message: _Exited) -> None:
         self._running.pop(message.instance_id, None)
@@ -348,6 +407,16 @@ class SpawnerActor(pykka.ThreadingActor):
             # At shutdown the registry stops before the spawner.
             with contextlib.suppress(pykka.ActorDeadError):
                 self._registry.tell(message)
+
+
+_T = TypeVar("_T")
+
+
+def _checked(value: object, kind: type[_T], name: str) -> _T:
+    """``value``, if it is a ``kind`` (a bool is no int here); else TypeError."""
+    if not isinstance(value, kind) or isinstance(value, bool):
+        raise TypeError(f"{name} must be {kind.__name__}, not {value!r}")
+    return value
 
 
 def _stop_quietly(instance: Instance) -> None:

@@ -11,18 +11,21 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import pathlib
 import pickle
 import queue
 import shutil
 import socket
 import tempfile
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import pykka
 import pytest
+from test_spawners import ThreadStarts
 
+from actorpool import spawner as spawner_module
 from actorpool.errors import SpawnError
 from actorpool.messages import (
     AppRestarted,
@@ -404,3 +407,117 @@ def test_control_methods_work_in_process_and_through_the_control_socket(
         spawner.crash(12345)
     assert remote.calls() == spawner.calls()
     assert [c.kind for c in remote.calls()].count("ready") == 3
+
+
+# --- what a spawner hands back, and the actor's own failures -------------------
+
+
+class _Returns(Spawner):
+    """Each spawn returns the instance it is given, or raises the error."""
+
+    def __init__(self, instance: Any = None, error: Exception | None = None) -> None:
+        self.instance = instance
+        self.error = error
+
+    def spawn(self, request: SpawnRequest) -> Instance:
+        if self.error is not None:
+            raise self.error
+        return self.instance  # type: ignore[no-any-return]
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("address", pathlib.Path("/nonexistent/x.sock")),
+        ("concurrency", None),
+        ("concurrency", 0),
+        ("pid", "1234"),
+        ("pid", True),
+    ],
+)
+def test_an_instance_with_a_bad_field_is_a_failed_spawn(
+    socket_dir: str, field: str, value: object
+) -> None:
+    """Before, a Path address made the grant unsendable (the client got an
+    error with no session to close, and the process stayed busy for ever),
+    and a None concurrency failed the registry itself."""
+    instance = _GatedInstance(4321)
+    setattr(instance, field, value)
+    rig = start(_Returns(instance), socket_dir)
+    rig.spawn(1, A)
+    failed = take(rig.reports, SpawnFailed)
+    assert failed.instance_id == 1
+    assert "bad instance" in failed.message
+    assert field in failed.message
+    assert instance.stopped.wait(WAIT)
+    rig.quiet()
+    assert rig.actor.is_alive()
+
+
+def test_a_spawn_error_carrying_bytes_reaches_the_registry_as_text(
+    socket_dir: str,
+) -> None:
+    """Before, the bytes went on to the wire, which refused them: every
+    waiting client lost its whole connection."""
+    rig = start(_Returns(error=SpawnError(b"boom", b"out \xff")), socket_dir)  # type: ignore[arg-type]
+    rig.spawn(1, A)
+    failed = take(rig.reports, SpawnFailed)
+    assert isinstance(failed.message, str)
+    assert "boom" in failed.message
+    assert failed.detail == "out \ufffd"
+
+
+def test_a_spawn_thread_that_cannot_start_fails_that_spawn_only(
+    rig: Rig, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def refuse(_start: Callable[[], None]) -> None:
+        raise RuntimeError("can't start new thread")
+
+    monkeypatch.setattr(
+        spawner_module, "threading", ThreadStarts({"actorpool-spawn-1"}, refuse)
+    )
+    rig.spawn(1, A)
+    failed = take(rig.reports, SpawnFailed)
+    assert failed.instance_id == 1
+    assert "can't start new thread" in failed.message
+    monkeypatch.undo()
+    rig.spawn(2, A)  # the actor carries on
+    rig.ready(2)
+
+
+def test_an_overdue_report_of_a_cancelled_spawn_says_nothing(
+    rig: Rig, spawner: FakeSpawner
+) -> None:
+    """The registry forgot it when it cancelled it: two ERROR lines and a
+    SpawnFailed for nothing, before."""
+    spawner.hold(A)
+    rig.spawn(1, A)
+    spawner.wait_for("spawn", app_root=A)
+    rig.actor.tell(StopInstance(1))
+    rig.actor.tell(spawner_module._Overdue(1))  # as its timer would
+    rig.quiet()
+    spawner.release(A)
+    assert take(rig.reports, InstanceExited).instance_id == 1
+
+
+def test_a_failure_of_the_actor_stops_its_instances_and_is_fatal(
+    spawner: FakeSpawner, socket_dir: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Before, nobody heard of it: the server ran on, granting sessions on
+    stopped processes, and spawns in flight were never answered."""
+
+    def broken(*_args: object) -> None:
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(SpawnerActor, "_on_stop_instance", broken)
+    fatal = threading.Event()
+    reports: queue.Queue[Any] = queue.Queue()
+    registry = Recorder.start(reports)
+    actor = SpawnerActor.start(spawner, socket_dir, WAIT, on_fatal=fatal.set)
+    actor.tell(RegistryAttached(registry.actor_urn))
+    actor.tell(SpawnInstance(1, A))
+    take(reports, InstanceReady)
+    actor.tell(StopInstance(1))
+    assert fatal.wait(WAIT)
+    assert kinds(spawner, 1) == ["spawn", "ready", "stopped"]
+    registry.stop()
