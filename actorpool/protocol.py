@@ -199,7 +199,12 @@ class Connection:
         sent and the connection can still be used.
         """
         next_state = self._next_state(_SEND, message, LocalProtocolError)
+        # What we send is bounded by what the peer accepts (a server reads
+        # requests with MAX_REQUEST_FRAME), not by our own (possibly
+        # smaller) limit on what we receive.
+        limit = MAX_FRAME_SIZE
         if isinstance(message, Request):
+            limit = MAX_REQUEST_FRAME
             if message.request_id == 0 or message.request_id in self._in_flight:
                 raise LocalProtocolError(
                     f"request id {message.request_id} is 0 or already in flight"
@@ -225,10 +230,6 @@ class Connection:
                     f"reply to request {message.request_id}, which is not in flight"
                 )
         body = encode(message)
-        # What we send is bounded by what the peer accepts (a server reads
-        # requests with MAX_REQUEST_FRAME), not by our own (possibly
-        # smaller) limit on what we receive.
-        limit = MAX_REQUEST_FRAME if isinstance(message, Request) else MAX_FRAME_SIZE
         if len(body) > limit:
             raise LocalProtocolError(
                 f"frame of {len(body)} bytes is over the {limit}-byte limit"
