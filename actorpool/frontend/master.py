@@ -30,7 +30,8 @@ import socket
 import stat
 import sys
 import time
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 from actorpool.config import PoolConfig
 from actorpool.errors import ActorPoolError
@@ -123,20 +124,26 @@ def serve(options: ServeOptions) -> int:
 
 def _listen(host: str, port: int, count: int) -> list[socket.socket]:
     """:func:`_listeners`, failing with an error that names the address."""
-    try:
-        return _listeners(host, port, count)
-    except OSError as exc:
-        where = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-        raise ActorPoolError(
-            f"cannot listen on {where}: {exc.strerror or exc}"
-        ) from exc
+    return _naming_the_address(host, port, lambda: _listeners(host, port, count))
 
 
 def _listen_once(host: str, port: int) -> socket.socket:
     """One socket bound to ``(host, port)``, without ``SO_REUSEPORT``."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    return _naming_the_address(
+        host,
+        port,
+        lambda: socket.create_server((host, port), family=family, backlog=64),
+    )
+
+
+_T = TypeVar("_T")
+
+
+def _naming_the_address(host: str, port: int, bind: Callable[[], _T]) -> _T:
+    """``bind()``, its OSError turned into an error that names the address."""
     try:
-        return socket.create_server((host, port), family=family, backlog=64)
+        return bind()
     except OSError as exc:
         where = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
         raise ActorPoolError(
