@@ -18,7 +18,11 @@ The rules (design section 5):
    waiters and no process at all (even a process freed by its own app's
    waiters is stopped for them, else apps that always have a queue would
    keep every process), then to the app whose process freed it, then to the
-   others by the arrival of their oldest waiter.
+   others by the arrival of their oldest waiter. A process that takes more
+   than one session may never be idle while its app is busy, so for such an
+   app one busy process of another app is drained: it takes no new session
+   and stops when its open ones close. ``max_queue_size`` counts the gets
+   past those that spawns under way will serve.
 4. A failed spawn fails every waiter of its app (unless the spawn was
    already retired by a restart: a fresh spawn serves them). A dead process
    is removed and its waiters are served by a new spawn.
@@ -139,6 +143,9 @@ class _Instance:
     last_used: float
     state: _State = _State.SPAWNING
     retiring: bool = False
+    draining: bool = False
+    """Retiring to free its slot for an app with no process (rule 3); undone
+    if that app is served another way first."""
     pid: int = 0
     address: str = ""
     concurrency: int = 1
@@ -219,6 +226,7 @@ class Pool:
         self.max_queue_size = config.max_queue_size
         self._apps: dict[str, _App] = {}
         self._instances: dict[int, _Instance] = {}
+        self._draining: dict[int, _Instance] = {}
         self._sessions: dict[int, _Session] = {}
         self._instance_ids = itertools.count(1)
         self._session_ids = itertools.count(1)
@@ -321,17 +329,23 @@ class Pool:
     ) -> list[Decision]:
         """A client asks for a session on ``app_root``."""
         app = self._app(app_root)
-        # A non-empty queue means no process has room (dispatch never leaves
-        # both), so this get would queue behind it.
         if self.max_queue_size and len(app.waiters) >= self.max_queue_size:
-            return [
-                Fail(
-                    client_id,
-                    request_id,
-                    "QueueFullError",
-                    f"{len(app.waiters)} requests already wait for {app_root}",
-                )
-            ]
+            # Only gets that no spawn under way will serve count: the first
+            # gets of an app wait for its spawns, and turning away a get
+            # that could have a spawn of its own would be wrong. Waiters
+            # past those spawns mean no process has room and no spawn can
+            # start (dispatch never leaves either), so this get would queue
+            # behind them.
+            queued = len(app.waiters) - app.pending_spawns
+            if queued >= self.max_queue_size:
+                return [
+                    Fail(
+                        client_id,
+                        request_id,
+                        "QueueFullError",
+                        f"{queued} requests already wait for {app_root}",
+                    )
+                ]
         deadline = None if timeout is None else now + max(0.0, timeout)
         waiter = _Waiter(
             client_id, request_id, app_root, deadline, next(self._arrivals)
@@ -545,7 +559,15 @@ class Pool:
         instance.sessions -= 1
         instance.last_used = now
         if instance.retiring and instance.sessions == 0:
-            reason = "max-requests" if self._used_up(instance) else "retired"
+            if self._used_up(instance):
+                reason = "max-requests"
+            elif instance.draining:
+                # Drained for an app with no process: the slot is that
+                # app's, not one for this app's waiters to win back.
+                self._remove(instance, "evicted", decisions)
+                return None
+            else:
+                reason = "retired"
             self._remove(instance, reason, decisions)
         else:
             self._refresh_room(instance)
@@ -562,6 +584,9 @@ class Pool:
                 self._remove(instance, reason, decisions)
             else:
                 instance.retiring = True
+                # Retired for good now: no longer a drain to be undone.
+                instance.draining = False
+                self._draining.pop(instance.id, None)
                 self._refresh_room(instance)
 
     def _remove(
@@ -576,6 +601,7 @@ class Pool:
         app = self._apps[instance.app_root]
         del app.instances[instance.id]
         app.free.pop(instance.id, None)
+        self._draining.pop(instance.id, None)
         if instance.sessions:
             # Its sessions end with it; a later close of one is a no-op.
             for sid in [
@@ -630,6 +656,8 @@ class Pool:
         if not self._anyone_waits():
             # Nothing to hand out: of the steps below only these can act.
             self._trim(decisions)
+            if self._draining:
+                self._balance_drains(now, decisions)
             self._forget_empty_apps()
             return
         # A process over a lowered limit that has just become idle is
@@ -643,13 +671,97 @@ class Pool:
             if app.live or not self._spawn_for(app, now, decisions):
                 break
         self._serve_from_room(now, decisions)
+        self._spawn_for_waiters(now, decisions, freed_app)
+        self._balance_drains(now, decisions)
+        self._forget_empty_apps()
+
+    def _spawn_for_waiters(
+        self, now: float, decisions: list[Decision], freed_app: str | None
+    ) -> None:
         for app in self._apps_wanting_spawns(freed_app):
             while self._wants_spawn(app):
                 if not self._spawn_for(app, now, decisions):
-                    # Nothing idle is left to evict, for any app.
-                    self._forget_empty_apps()
-                    return
-        self._forget_empty_apps()
+                    return  # nothing idle is left to evict, for any app
+
+    def _balance_drains(self, now: float, decisions: list[Decision]) -> None:
+        """Drain busy processes for apps that have no process (rule 3).
+
+        Called after the spawns, so an app still waiting with no process
+        found the pool full and nothing idle to evict. A process with
+        concurrency 1 becomes idle at its close, which evicts it for such
+        an app; one with more can keep taking sessions and never be idle.
+        So for each app left with no process and no slot on its way (a
+        retiring process, or a busy one with concurrency 1), one busy
+        process of another app is drained: it takes no new session and
+        stops once its open ones close. A drain no longer needed (a slot
+        came free another way) is undone.
+        """
+        starving = [
+            app
+            for app in self._apps.values()
+            if app.waiters
+            and not app.live
+            and self._wants_spawn(app)
+            # An app whose own process drains was a victim: counting it
+            # would drain another app's process for it, and so on down the
+            # pool. It waits in turn like any app with no process.
+            and not any(i.draining for i in app.instances.values())
+        ]
+        if not starving and not self._draining:
+            return
+        # Slots on their way besides the drains.
+        coming = sum(
+            1
+            for instance in self._instances.values()
+            if not instance.draining
+            and (
+                instance.retiring
+                or (instance.state is _State.READY and instance.concurrency == 1)
+            )
+            and instance.sessions
+        )
+        wanted = max(0, len(starving) - coming)
+        while len(self._draining) > wanted:
+            _, instance = self._draining.popitem()
+            instance.draining = instance.retiring = False
+            self._refresh_room(instance)
+            self._serve_from_room(now, decisions)
+        while len(self._draining) < wanted:
+            victim = self._drain_victim()
+            if victim is None:
+                return
+            victim.draining = victim.retiring = True
+            self._draining[victim.id] = victim
+            self._refresh_room(victim)
+
+    def _drain_victim(self) -> _Instance | None:
+        """The busy process with concurrency above 1 that is best drained.
+
+        Preferred: one whose app keeps other processes, then one whose app
+        nobody waits for, then the one with the fewest sessions (it frees
+        its slot soonest), then the least recently used.
+        """
+        candidates = [
+            i
+            for i in self._instances.values()
+            if i.state is _State.READY
+            and not i.retiring
+            and i.concurrency > 1
+            and i.sessions
+        ]
+        if not candidates:
+            return None
+
+        def cost(instance: _Instance) -> tuple[bool, bool, int, float]:
+            owner = self._apps[instance.app_root]
+            return (
+                owner.live <= 1,
+                bool(owner.waiters),
+                instance.sessions,
+                instance.last_used,
+            )
+
+        return min(candidates, key=cost)
 
     def _spawn_for(self, app: _App, now: float, decisions: list[Decision]) -> bool:
         """Spawn a process for ``app``, evicting to make room; False if full."""

@@ -295,6 +295,25 @@ def test_a_full_queue_fails_the_get_at_once() -> None:
     assert pool.waiting == 3
 
 
+def test_gets_that_wait_for_their_own_spawns_do_not_fill_the_queue() -> None:
+    pool = make_pool(max_pool_size=4, max_queue_size=1)
+    assert pool.get(1, 1, A, now=0.0) == [Spawn(1, A)]
+    # The first get waits for that spawn, and this one can have its own.
+    assert pool.get(1, 2, A, now=0.0) == [Spawn(2, A)]
+    assert pool.waiting == 2
+
+
+def test_the_queue_limit_counts_gets_past_the_spawns_under_way() -> None:
+    pool = make_pool(max_pool_size=4, max_per_app=1, max_queue_size=1)
+    assert pool.get(1, 1, A, now=0.0) == [Spawn(1, A)]
+    assert pool.get(1, 2, A, now=0.0) == []  # no spawn of its own: it queues
+    fail = one(pool.get(1, 3, A, now=0.0), Fail)
+    assert (fail.request_id, fail.kind) == (3, "QueueFullError")
+    assert fail.message == f"1 requests already wait for {A}"
+    grants = only(ready(pool, 1, now=1.0, concurrency=2), Grant)
+    assert [g.request_id for g in grants] == [1, 2]
+
+
 def test_max_queue_size_zero_means_unbounded() -> None:
     pool = make_pool(max_pool_size=1, max_queue_size=0)
     checkout(pool, A, now=0.0)
@@ -700,6 +719,58 @@ def test_a_process_with_concurrency_is_not_idle_until_all_sessions_close() -> No
     assert pool.tick(100.0) == []
     assert pool.close_session(1, second.session_id, now=2.0) == [
         Stop(1, "evicted"),
+        Spawn(2, B),
+    ]
+
+
+def test_an_app_with_no_process_drains_a_busy_process_with_concurrency() -> None:
+    # A process that takes two sessions may never be idle while its app is
+    # busy: without a drain, B would wait for as long as A's load lasts.
+    pool = make_pool(max_pool_size=1)
+    first = checkout(pool, A, now=0.0, concurrency=2)
+    assert pool.get(1, 2, B, now=1.0) == []
+    assert states(pool, A) == {first.instance_id: "retiring"}
+    assert pool.get(1, 3, A, now=2.0) == []  # a draining process takes no one
+    assert pool.close_session(1, first.session_id, now=3.0) == [
+        Stop(first.instance_id, "evicted"),
+        Spawn(2, B),
+    ]
+
+
+def test_a_drain_prefers_an_app_that_keeps_another_process() -> None:
+    pool = make_pool(max_pool_size=3)
+    a = checkout(pool, A, now=0.0, concurrency=2)
+    full = checkout(pool, C, now=1.0, concurrency=2)
+    assert one(pool.get(1, 50, C, now=2.0), Grant).instance_id == full.instance_id
+    half = checkout(pool, C, now=3.0, concurrency=2)
+    assert pool.get(1, 51, B, now=4.0) == []
+    assert states(pool, A) == {a.instance_id: "ready"}
+    # Of C's two, the one with fewer sessions: it frees its slot sooner.
+    assert states(pool, C) == {full.instance_id: "ready", half.instance_id: "retiring"}
+
+
+def test_a_drain_is_undone_when_the_app_is_served_another_way() -> None:
+    pool = make_pool(max_pool_size=2)
+    a = checkout(pool, A, now=0.0, concurrency=2)
+    spawn = one(pool.get(1, 2, C, now=0.0), Spawn)
+    assert pool.get(1, 3, B, now=1.0) == []
+    assert states(pool, A) == {a.instance_id: "retiring"}
+    # C's spawn fails: its slot goes to B, and A's process is needed no more.
+    decisions = pool.spawn_failed(spawn.instance_id, "boom", "", now=2.0)
+    assert only(decisions, Spawn) == [Spawn(3, B)]
+    assert only(decisions, Stop) == []
+    assert states(pool, A) == {a.instance_id: "ready"}
+    assert one(pool.get(1, 4, A, now=3.0), Grant).instance_id == a.instance_id
+
+
+def test_processes_with_concurrency_one_are_never_drained() -> None:
+    # Each becomes idle at its close, and is evicted for B then.
+    pool = make_pool(max_pool_size=1)
+    first = checkout(pool, A, now=0.0)
+    assert pool.get(1, 2, B, now=1.0) == []
+    assert states(pool, A) == {first.instance_id: "ready"}
+    assert pool.close_session(1, first.session_id, now=2.0) == [
+        Stop(first.instance_id, "evicted"),
         Spawn(2, B),
     ]
 

@@ -433,6 +433,36 @@ class PoolMachine(RuleBasedStateMachine):
                 assert capped or (full and not idle_elsewhere[app.app_root]), app
 
     @invariant()
+    def an_app_with_no_process_has_a_slot_coming(self) -> None:
+        # Rule 3 with concurrency above 1: such a process can stay busy for
+        # as long as its app has load, so it is never idle to be evicted. An
+        # app waiting with no process needs a process on its way out: a
+        # retiring one (drained for it, or retired), or a busy one with
+        # concurrency 1 (idle, and so evicted, at its close). Apps with a
+        # retiring process of their own are left out: they may be the
+        # drained ones, which wait in turn.
+        stats = self.pool.statistics(self.now)
+        starving = [
+            app
+            for app in stats.apps
+            if app.waiting
+            and not any(p.state != "retiring" for p in app.processes)
+            and not any(p.state == "retiring" for p in app.processes)
+            and not 0 < stats.max_per_app <= app.count
+        ]
+        processes = [p for app in stats.apps for p in app.processes]
+        coming = sum(
+            1
+            for p in processes
+            if p.sessions
+            and (p.state == "retiring" or (p.state == "ready" and p.concurrency == 1))
+        )
+        drainable = any(
+            p.state == "ready" and p.concurrency > 1 and p.sessions for p in processes
+        )
+        assert coming >= len(starving) or not drainable, stats
+
+    @invariant()
     def the_next_deadline_is_the_earliest_thing_due(self) -> None:
         # Worked out again from the statistics, the slow way: the earliest
         # deadline of a get still waiting, and per app above min_instances
