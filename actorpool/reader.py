@@ -64,6 +64,11 @@ class SocketReader:
         self._loop_thread: threading.Thread | None = None
         self._loop_ident: int | None = None  # get_ident() of _loop_thread, cheaper
         self._own_thread: threading.Thread | None = None
+        self.on_broken: Callable[[Exception], None] | None = None
+        """Told, on the loop's thread, of an error that broke the loop itself
+        (not one socket's callback, which costs only that socket). It should
+        queue something that makes the owner fail; without it, :meth:`get`
+        raises the error."""
 
     def __repr__(self) -> str:
         state = "closed" if self._closed else "open"
@@ -93,7 +98,15 @@ class SocketReader:
             with self._lock:
                 if self._items:
                     return self._items.popleft()
-            self._poll()
+            try:
+                self._poll()
+            except Exception as error:
+                # pykka calls get() outside its own try: raised from here,
+                # the error would end the actor's thread with no on_failure,
+                # and the actor would look alive with nobody serving.
+                if self.on_broken is None:
+                    raise
+                self.on_broken(error)
 
     def empty(self) -> bool:
         """Whether no item is queued."""

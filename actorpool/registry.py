@@ -14,6 +14,7 @@ client sockets while no message is queued; see that module for why.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import threading
 import time
@@ -66,6 +67,13 @@ MAX_ALARM_WAIT = 3600.0
 """Longest single wait of the alarm thread; longer deadlines are re-checked."""
 
 
+@dataclasses.dataclass(frozen=True, slots=True)
+class _InboxBroken:
+    """The inbox's socket loop failed: the registry fails with ``error``."""
+
+    error: Exception
+
+
 class RegistryActor(pykka.ThreadingActor):
     """Applies the pool's decisions; the only code that touches its state."""
 
@@ -94,6 +102,7 @@ class RegistryActor(pykka.ThreadingActor):
             SpawnFailed: self._on_spawn_failed,
             InstanceExited: self._on_instance_exited,
             Tick: self._on_tick,
+            _InboxBroken: self._on_inbox_broken,
         }
         self._requests: dict[type, Callable[[int, Any], None]] = {
             Get: self._on_get,
@@ -113,6 +122,7 @@ class RegistryActor(pykka.ThreadingActor):
     # --- pykka hooks ------------------------------------------------------------
 
     def on_start(self) -> None:
+        self.client_reader.on_broken = self._inbox_broken
         try:
             self._spawner.tell(RegistryAttached(self.actor_urn))
         except Exception:
@@ -144,6 +154,15 @@ class RegistryActor(pykka.ThreadingActor):
     def on_stop(self) -> None:
         self._alarm.close()
         self.client_reader.close()
+
+    def _inbox_broken(self, error: Exception) -> None:
+        # Called on this actor's own thread, from inside the inbox: the
+        # message is queued without a wake-up and handled next, so the
+        # error takes the usual way to on_failure.
+        self.actor_ref.tell(_InboxBroken(error))
+
+    def _on_inbox_broken(self, message: _InboxBroken) -> None:
+        raise message.error
 
     def on_failure(self, *_exc_info: object) -> None:
         self._fatal()

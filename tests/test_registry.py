@@ -456,6 +456,30 @@ def test_a_failure_inside_the_registry_calls_on_fatal(
     assert not any(t.name == "actorpool-alarm" for t in threading.enumerate())
 
 
+def test_an_error_that_breaks_the_inbox_loop_calls_on_fatal(
+    make_rig: Callable[..., Rig],
+) -> None:
+    # Not one socket's callback (that costs only the socket): the loop that
+    # waits on every socket. pykka reads its inbox outside its own try, so
+    # unhandled, the error would end the thread with nobody the wiser.
+    rig = make_rig()
+    rig.settle()
+    reader = rig.registry.proxy().client_reader.get(timeout=WAIT)
+    real_select = reader._selector.select
+
+    def broken_select(timeout: float | None = None) -> Any:
+        reader._selector.select = real_select  # type: ignore[method-assign]
+        raise MemoryError("out of memory in select")
+
+    reader._selector.select = broken_select  # type: ignore[method-assign]
+    rig.registry.tell(Tick())  # wakes the loop, which then waits again
+
+    assert rig.fatal.wait(WAIT)
+    rig.registry.actor_stopped.wait(WAIT)
+    assert not rig.registry.is_alive()
+    assert not any(t.name == "actorpool-alarm" for t in threading.enumerate())
+
+
 def test_with_a_real_spawner_actor_the_session_reaches_a_fake_instance(
     spawner: FakeSpawner, tmp_path_factory: pytest.TempPathFactory
 ) -> None:
