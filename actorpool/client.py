@@ -211,6 +211,8 @@ class ApplicationPool:
         as long as it takes). Raises :class:`~actorpool.errors.QueueFullError`
         at once when the app's queue is full, and
         :class:`~actorpool.errors.SpawnError` when the app cannot start.
+        ``timeout=0`` takes a process with room or fails at once; a spawn it
+        starts (within the limits) goes on, for the gets after it.
         """
         root = os.path.abspath(os.fspath(app_root))
         if timeout is not None:
