@@ -17,12 +17,13 @@ The rules (design section 5):
 3. Queues are FIFO per app. Freed capacity goes first to apps that have
    waiters and no process at all (even a process freed by its own app's
    waiters is stopped for them, else apps that always have a queue would
-   keep every process), then to the app whose process freed it, then to the
-   others by the arrival of their oldest waiter. A process that takes more
-   than one session may never be idle while its app is busy, so for such an
-   app one busy process of another app is drained: it takes no new session
-   and stops when its open ones close. ``max_queue_size`` counts the gets
-   past those that spawns under way will serve.
+   keep every process), by the arrival of their oldest waiter; then to the
+   app whose process freed it, then to the others by the arrival of their
+   oldest waiter. A process that takes more than one session may never be
+   idle while its app is busy, so for such an app one busy process of
+   another app is drained: it takes no new session, and when its open ones
+   close its slot goes to that app. ``max_queue_size`` counts the gets past
+   those that spawns under way will serve.
 4. A failed spawn fails every waiter of its app (unless the spawn was
    already retired by a restart: a fresh spawn serves them). A dead process
    is removed and its waiters are served by a new spawn.
@@ -143,9 +144,15 @@ class _Instance:
     last_used: float
     state: _State = _State.SPAWNING
     retiring: bool = False
-    draining: bool = False
-    """Retiring to free its slot for an app with no process (rule 3); undone
-    if that app is served another way first."""
+    drained_for: str | None = None
+    """The app with no process this one is retiring for (rule 3): it takes
+    no new session, and its slot goes to that app. Undone if the app is
+    served another way first."""
+
+    @property
+    def draining(self) -> bool:
+        return self.drained_for is not None
+
     pid: int = 0
     address: str = ""
     concurrency: int = 1
@@ -227,6 +234,8 @@ class Pool:
         self._apps: dict[str, _App] = {}
         self._instances: dict[int, _Instance] = {}
         self._draining: dict[int, _Instance] = {}
+        self._owed: set[str] = set()
+        """Apps a drained process has stopped for, until they get a spawn."""
         self._sessions: dict[int, _Session] = {}
         self._instance_ids = itertools.count(1)
         self._session_ids = itertools.count(1)
@@ -362,6 +371,8 @@ class Pool:
         self._dispatch(now, decisions)
         if deadline is not None and deadline <= now:
             self._expire_waiters(now, decisions)
+            if self._draining:  # a drain made for this get only
+                self._balance_drains(now, decisions)
             self._forget_empty_apps()
         return decisions
 
@@ -400,6 +411,10 @@ class Pool:
             if any(w.client_id == client_id for w in app.waiters):
                 app.waiters = deque(w for w in app.waiters if w.client_id != client_id)
         decisions: list[Decision] = []
+        if self._draining:
+            # Before the sessions end: a drain made for this client's
+            # waiters alone would stop its process once they have.
+            self._balance_drains(now, decisions)
         freed_app = None
         for session_id in [
             sid for sid, s in self._sessions.items() if s.client_id == client_id
@@ -547,6 +562,7 @@ class Pool:
         empty = [r for r, a in self._apps.items() if not a.instances and not a.waiters]
         for root in empty:
             del self._apps[root]
+            self._owed.discard(root)
 
     def _release(
         self, session_id: int, now: float, decisions: list[Decision]
@@ -562,10 +578,7 @@ class Pool:
             if self._used_up(instance):
                 reason = "max-requests"
             elif instance.draining:
-                # Drained for an app with no process: the slot is that
-                # app's, not one for this app's waiters to win back.
-                self._remove(instance, "evicted", decisions)
-                return None
+                reason = "evicted"
             else:
                 reason = "retired"
             self._remove(instance, reason, decisions)
@@ -585,7 +598,7 @@ class Pool:
             else:
                 instance.retiring = True
                 # Retired for good now: no longer a drain to be undone.
-                instance.draining = False
+                instance.drained_for = None
                 self._draining.pop(instance.id, None)
                 self._refresh_room(instance)
 
@@ -601,7 +614,9 @@ class Pool:
         app = self._apps[instance.app_root]
         del app.instances[instance.id]
         app.free.pop(instance.id, None)
-        self._draining.pop(instance.id, None)
+        if self._draining.pop(instance.id, None) is not None:
+            assert instance.drained_for is not None
+            self._owed.add(instance.drained_for)
         if instance.sessions:
             # Its sessions end with it; a later close of one is a no-op.
             for sid in [
@@ -690,11 +705,12 @@ class Pool:
         found the pool full and nothing idle to evict. A process with
         concurrency 1 becomes idle at its close, which evicts it for such
         an app; one with more can keep taking sessions and never be idle.
-        So for each app left with no process and no slot on its way (a
-        retiring process, or a busy one with concurrency 1), one busy
-        process of another app is drained: it takes no new session and
-        stops once its open ones close. A drain no longer needed (a slot
-        came free another way) is undone.
+        Slots on their way (a retiring process, a busy one with concurrency
+        1) go to the apps that have waited longest; each app after those
+        gets a busy process of another app drained for it: it takes no new
+        session and, once its open ones close, its slot is that app's. A
+        drain no longer needed (its app was served another way, or left)
+        is undone.
         """
         starving = [
             app
@@ -709,7 +725,6 @@ class Pool:
         ]
         if not starving and not self._draining:
             return
-        # Slots on their way besides the drains.
         coming = sum(
             1
             for instance in self._instances.values()
@@ -720,17 +735,27 @@ class Pool:
             )
             and instance.sessions
         )
-        wanted = max(0, len(starving) - coming)
-        while len(self._draining) > wanted:
-            _, instance = self._draining.popitem()
-            instance.draining = instance.retiring = False
-            self._refresh_room(instance)
+        starving.sort(key=lambda app: app.waiters[0].arrival)
+        needing = [app.root for app in starving[coming:]]
+        undone = False
+        for instance in list(self._draining.values()):
+            if instance.drained_for not in needing:
+                del self._draining[instance.id]
+                instance.drained_for = None
+                instance.retiring = False
+                self._refresh_room(instance)
+                undone = True
+        if undone:
             self._serve_from_room(now, decisions)
-        while len(self._draining) < wanted:
+        targeted = {i.drained_for for i in self._draining.values()}
+        for root in needing:
+            if root in targeted:
+                continue
             victim = self._drain_victim()
             if victim is None:
                 return
-            victim.draining = victim.retiring = True
+            victim.drained_for = root
+            victim.retiring = True
             self._draining[victim.id] = victim
             self._refresh_room(victim)
 
@@ -771,6 +796,7 @@ class Pool:
         instance = _Instance(next(self._instance_ids), app.root, now, now)
         self._instances[instance.id] = instance
         app.instances[instance.id] = instance
+        self._owed.discard(app.root)
         decisions.append(Spawn(instance.id, app.root))
         return True
 
@@ -830,12 +856,20 @@ class Pool:
 
     def _apps_wanting_spawns(self, freed_app: str | None) -> list[_App]:
         wanting = [a for a in self._apps.values() if self._wants_spawn(a)]
+
         # Apps with no process at all first (no app starves; retiring ones
-        # will never serve them), then the app whose capacity was freed, then
-        # by the arrival of the oldest waiter.
-        wanting.sort(
-            key=lambda a: (a.live > 0, a.root != freed_app, a.waiters[0].arrival)
-        )
+        # will never serve them): one a drained process stopped for, then
+        # by the arrival of their oldest waiter. A process freed by an app
+        # that has none left does not make its own app first: a retired
+        # one would win its slot back, and an app that waited with no
+        # process would wait for as long as the other's processes retire.
+        # Then the app whose capacity was freed, then by oldest waiter.
+        def order(a: _App) -> tuple[bool, bool, int]:
+            if a.live:
+                return (True, a.root != freed_app, a.waiters[0].arrival)
+            return (False, a.root not in self._owed, a.waiters[0].arrival)
+
+        wanting.sort(key=order)
         return wanting
 
     def _evict_for(self, app: _App, decisions: list[Decision]) -> bool:

@@ -763,6 +763,73 @@ def test_a_drain_is_undone_when_the_app_is_served_another_way() -> None:
     assert one(pool.get(1, 4, A, now=3.0), Grant).instance_id == a.instance_id
 
 
+def test_a_drain_for_a_get_that_times_out_at_once_is_undone() -> None:
+    pool = make_pool(max_pool_size=1)
+    a = checkout(pool, A, now=0.0, concurrency=2)
+    fail = one(pool.get(2, 100, B, now=1.0, timeout=0), Fail)
+    assert fail.kind == "GetTimeoutError"
+    assert states(pool, A) == {a.instance_id: "ready"}
+    assert pool.close_session(1, a.session_id, now=2.0) == []
+
+
+def test_a_drain_for_a_client_that_goes_away_is_undone_before_its_sessions_end() -> (
+    None
+):
+    pool = make_pool(max_pool_size=1)
+    a = checkout(pool, A, now=0.0, client=1, concurrency=2)
+    assert one(pool.get(9, 200, A, now=0.5), Grant).instance_id == a.instance_id
+    assert pool.get(9, 201, B, now=1.0) == []  # client 9's wait drains A's
+    pool.close_session(1, a.session_id, now=1.5)
+    assert pool.client_gone(9, now=2.0) == []  # nobody waits for the slot
+    assert states(pool, A) == {a.instance_id: "ready"}
+
+
+def test_the_slot_of_a_drained_process_goes_to_the_app_it_was_drained_for() -> None:
+    # A's waiters are older than B's, and A has no process left either: the
+    # slot is still B's, or A would win it back each time, B waiting on.
+    pool = make_pool(max_pool_size=1)
+    first = checkout(pool, A, now=0.0, concurrency=2)
+    second = one(pool.get(1, 400, A, now=0.0), Grant)
+    pool.get(1, 401, A, now=0.5)
+    pool.get(2, 402, B, now=1.0)
+    assert pool.close_session(1, first.session_id, now=2.0) == []
+    assert pool.close_session(1, second.session_id, now=2.0) == [
+        Stop(first.instance_id, "evicted"),
+        Spawn(2, B),
+    ]
+
+
+def test_the_slot_of_a_drained_process_that_dies_goes_to_its_app() -> None:
+    pool = make_pool(max_pool_size=1)
+    a = checkout(pool, A, now=0.0, concurrency=2)
+    pool.get(1, 300, B, now=1.0)
+    pool.get(1, 301, A, now=2.0)
+    assert pool.instance_exited(a.instance_id, now=3.0) == [Spawn(2, B)]
+
+
+def test_an_app_with_no_process_is_not_held_off_by_another_apps_retiring_ones() -> None:
+    # Each of A's processes retires after one session (max_requests=1), and
+    # A always has a waiter: if the slot a retired process frees went back
+    # to its own app, B would wait for as long as A's load lasts.
+    pool = make_pool(max_pool_size=1, max_requests=1)
+    a = checkout(pool, A, now=0.0)
+    pool.get(1, 1, A, now=0.5)
+    pool.get(2, 2, B, now=1.0)
+    pool.get(1, 3, A, now=1.5)
+    # Both have no process: the oldest waiter first, A's.
+    assert pool.close_session(1, a.session_id, now=2.0) == [
+        Stop(a.instance_id, "max-requests"),
+        Spawn(2, A),
+    ]
+    second = one(ready(pool, 2, now=2.5), Grant)
+    assert second.request_id == 1
+    # Now B's waiter is older than any of A's.
+    assert pool.close_session(1, second.session_id, now=3.0) == [
+        Stop(second.instance_id, "max-requests"),
+        Spawn(3, B),
+    ]
+
+
 def test_processes_with_concurrency_one_are_never_drained() -> None:
     # Each becomes idle at its close, and is evicted for B then.
     pool = make_pool(max_pool_size=1)

@@ -463,6 +463,20 @@ class PoolMachine(RuleBasedStateMachine):
         assert coming >= len(starving) or not drainable, stats
 
     @invariant()
+    def every_drain_is_for_an_app_waiting_with_no_process(self) -> None:
+        # White-box: a drain left behind after its app was served, or after
+        # its waiters left, would stop a process for nobody.
+        targets = [i.drained_for for i in self.pool._draining.values()]
+        assert len(targets) == len(set(targets)), targets
+        for instance in self.pool._draining.values():
+            assert instance.retiring, instance
+            assert instance.sessions, instance
+            app = self.pool._apps.get(instance.drained_for or "")
+            assert app is not None, instance
+            assert app.waiters, instance
+            assert not app.live, instance
+
+    @invariant()
     def the_next_deadline_is_the_earliest_thing_due(self) -> None:
         # Worked out again from the statistics, the slow way: the earliest
         # deadline of a get still waiting, and per app above min_instances
