@@ -205,6 +205,16 @@ class _App:
             if i.state is _State.READY and not i.retiring
         )
 
+    def serves_more_than(self, count: int) -> bool:
+        """Whether :attr:`serving` is above ``count``, counting no further
+        than that: this runs after every message (see ``next_deadline``)."""
+        for i in self.instances.values():
+            if i.state is _State.READY and not i.retiring:
+                count -= 1
+                if count < 0:
+                    return True
+        return False
+
     @property
     def pending_spawns(self) -> int:
         """Spawns under way that will serve this app's waiters."""
@@ -285,7 +295,7 @@ class Pool:
                     break
             # With min_instances 0 no count is needed.
             if oldest is not None and (
-                not self.min_instances or app.serving > self.min_instances
+                not self.min_instances or app.serves_more_than(self.min_instances)
             ):
                 due = oldest.last_used + self.max_idle_time
                 if earliest is None or due < earliest:
