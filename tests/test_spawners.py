@@ -4,6 +4,7 @@ real HTTP over the session's socket (Passenger's own pool tests, with apps)."""
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import fcntl
 import grp
 import http.client
@@ -437,6 +438,40 @@ def test_an_idle_preloader_is_stopped_and_its_workers_live_on(
         assert fetch(session).startswith("hello ")
     with pool.get(app) as session:  # the same worker, idle in the pool
         assert session.pid == worker
+
+
+def _subreaper_flag() -> int:
+    value = ctypes.c_int(-1)
+    libc = ctypes.CDLL(None, use_errno=True)
+    assert (
+        libc.prctl(smart_module.PR_GET_CHILD_SUBREAPER, ctypes.byref(value), 0, 0, 0)
+        == 0
+    )
+    return value.value
+
+
+@pytest.mark.timeout(30)
+def test_the_last_smart_spawner_to_close_clears_the_subreaper_flag(
+    tmp_path: Path,
+) -> None:
+    """The flag is the process's: left set, a process that used a spawner
+    (a test run) adopts every orphan of its children as a zombie."""
+    assert _subreaper_flag() == 0
+    dirs = []
+    for name in ("one", "two"):
+        dirs.append(tmp_path / name)
+        dirs[-1].mkdir(mode=0o700)
+    first, second = SmartSpawner(), SmartSpawner()
+    first.start(os.fspath(dirs[0]))
+    try:
+        assert _subreaper_flag() == 1
+        second.start(os.fspath(dirs[1]))
+        first.close()
+        assert _subreaper_flag() == 1  # the second still needs it
+    finally:
+        first.close()
+        second.close()
+    assert _subreaper_flag() == 0
 
 
 def test_a_preloader_still_loading_is_not_idle(

@@ -51,6 +51,50 @@ __all__ = ["SmartSpawner"]
 logger = logging.getLogger(__name__)
 
 PR_SET_CHILD_SUBREAPER = 36
+PR_GET_CHILD_SUBREAPER = 37
+
+
+class _Subreaper:
+    """This process's child-subreaper flag, held by every started
+    SmartSpawner and set back as it was found when the last one closes.
+
+    The flag is the process's, not a spawner's: a library that sets it must
+    not leave it set (a test process would adopt every orphan of its
+    children, and they would stay its zombies).
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._holders = 0
+        self._set_by_us = False
+
+    def hold(self) -> None:
+        with self._lock:
+            if not self._holders:
+                libc = ctypes.CDLL(None, use_errno=True)
+                was = ctypes.c_int(0)
+                if libc.prctl(PR_GET_CHILD_SUBREAPER, ctypes.byref(was), 0, 0, 0):
+                    raise OSError(
+                        ctypes.get_errno(), "prctl(PR_GET_CHILD_SUBREAPER) failed"
+                    )
+                if not was.value and libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0):
+                    raise OSError(
+                        ctypes.get_errno(), "prctl(PR_SET_CHILD_SUBREAPER) failed"
+                    )
+                self._set_by_us = not was.value
+            self._holders += 1
+
+    def release(self) -> None:
+        with self._lock:
+            self._holders -= 1
+            if not self._holders and self._set_by_us:
+                # Children it adopted meanwhile stay its own: only orphans
+                # from now on go to init, as before.
+                ctypes.CDLL(None).prctl(PR_SET_CHILD_SUBREAPER, 0, 0, 0, 0)
+                self._set_by_us = False
+
+
+_subreaper = _Subreaper()
 
 
 class SmartSpawner(Spawner):
@@ -89,10 +133,12 @@ class SmartSpawner(Spawner):
     def start(self, socket_dir: str) -> None:
         # A worker's preloader lets go of it at once (a double fork), so the
         # server must be the one to adopt and reap it.
-        libc = ctypes.CDLL(None, use_errno=True)
-        if libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) != 0:
-            raise OSError(ctypes.get_errno(), "prctl(PR_SET_CHILD_SUBREAPER) failed")
-        self._live = _Live(SocketDirs(socket_dir), Lifeline())
+        _subreaper.hold()
+        try:
+            self._live = _Live(SocketDirs(socket_dir), Lifeline())
+        except BaseException:
+            _subreaper.release()
+            raise
 
     def spawn(self, request: SpawnRequest) -> Instance:
         live = self._live
@@ -135,6 +181,7 @@ class SmartSpawner(Spawner):
             preloader.join()
         live.lifeline.close()
         live.dirs.close()
+        _subreaper.release()
 
     def _preloader(
         self, live: _Live, spec: AppSpec, user: RunAs | None, deadline: float
