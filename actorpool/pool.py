@@ -681,7 +681,7 @@ class Pool:
         if not self._anyone_waits():
             # Nothing to hand out: of the steps below only these can act.
             self._trim(decisions)
-            if self._draining:
+            if self._draining or self._owed:
                 self._balance_drains(now, decisions)
             self._forget_empty_apps()
             return
@@ -733,6 +733,16 @@ class Pool:
             # pool. It waits in turn like any app with no process.
             and not any(i.draining for i in app.instances.values())
         ]
+        if self._owed:
+            # Owed a slot only while it waits with no process: a stale
+            # entry would later put it ahead of older waiters.
+            self._owed = {
+                root
+                for root in self._owed
+                if (app := self._apps.get(root)) is not None
+                and app.waiters
+                and not app.live
+            }
         if not starving and not self._draining:
             return
         coming = sum(

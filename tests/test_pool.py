@@ -830,6 +830,28 @@ def test_an_app_with_no_process_is_not_held_off_by_another_apps_retiring_ones() 
     ]
 
 
+def test_an_app_owed_a_slot_loses_its_turn_once_its_waiters_leave() -> None:
+    pool = make_pool(max_pool_size=2, min_instances=0)
+    a = checkout(pool, A, now=0.0, concurrency=2)
+    c = one(pool.get(2, 2, C, now=0.0, timeout=5), Spawn)
+    pool.restart_app(C, now=0.1)  # C keeps a retiring spawn, and no process
+    pool.get(2, 3, C, now=0.2, timeout=5)
+    assert states(pool, A) == {a.instance_id: "retiring"}  # drained for C
+    pool.set_max_pool_size(1, now=0.3)
+    # A's process goes, but with the lowered limit C cannot spawn yet.
+    assert pool.close_session(1, a.session_id, now=0.4) == [
+        Stop(a.instance_id, "evicted")
+    ]
+    assert len(only(pool.tick(10.0), Fail)) == 2  # C's gets give up
+    pool.get(3, 4, B, now=11.0)
+    pool.get(2, 5, C, now=12.0)
+    # B has waited longer than C's new get: B's turn, C is owed nothing now.
+    assert pool.instance_ready(c.instance_id, 22, "/run/c", 1, now=13.0) == [
+        Stop(c.instance_id, "restart"),
+        Spawn(3, B),
+    ]
+
+
 def test_processes_with_concurrency_one_are_never_drained() -> None:
     # Each becomes idle at its close, and is evicted for B then.
     pool = make_pool(max_pool_size=1)

@@ -440,16 +440,17 @@ class PoolMachine(RuleBasedStateMachine):
         # as long as its app has load, so it is never idle to be evicted. An
         # app waiting with no process needs a process on its way out: a
         # retiring one (drained for it, or retired), or a busy one with
-        # concurrency 1 (idle, and so evicted, at its close). Apps with a
-        # retiring process of their own are left out: they may be the
-        # drained ones, which wait in turn.
+        # concurrency 1 (idle, and so evicted, at its close). Apps whose
+        # own process is drained (white-box: the statistics show it only as
+        # retiring) are left out: they wait in turn.
         stats = self.pool.statistics(self.now)
+        drained_apps = {i.app_root for i in self.pool._draining.values()}
         starving = [
             app
             for app in stats.apps
             if app.waiting
             and not any(p.state != "retiring" for p in app.processes)
-            and not any(p.state == "retiring" for p in app.processes)
+            and app.app_root not in drained_apps
             and not 0 < stats.max_per_app <= app.count
         ]
         processes = [p for app in stats.apps for p in app.processes]

@@ -178,6 +178,30 @@ def test_full_pool_evicts_another_apps_idle_process(
     assert stats.app(a) is None
 
 
+def test_an_app_is_not_kept_waiting_by_a_busy_process_that_takes_two_sessions(
+    start_server: StartServer,
+    make_app: Callable[[str], str],
+    threads: ThreadPoolExecutor,
+    wait_until: WaitUntil,
+) -> None:
+    """A's process is never idle while A keeps one of its two sessions busy:
+    it is drained for B (takes no new session) and B gets its slot."""
+    a, b = make_app("a"), make_app("b")
+    with FakeSpawner(concurrency=2) as spawner:
+        pool = start_server(spawner, max_pool_size=1).connect()
+        first = pool.get(a)
+        for_b = threads.submit(pool.get, b, timeout=10)
+        wait_until(lambda: waiting(pool, b) == 1, what="b's get to queue")
+        (process,) = pool.statistics().app(a).processes  # type: ignore[union-attr]
+        assert process.state == "retiring"
+        with pytest.raises(GetTimeoutError):  # it has room, but is draining
+            pool.get(a, timeout=0.2)
+        first.close()
+        with for_b.result(10) as session:
+            assert greeting(session)[0] == b
+        spawner.wait_for("stopped", pid=first.pid)
+
+
 def test_max_per_app_queues_that_app_only(
     start_server: StartServer,
     spawner: FakeSpawner,
