@@ -474,6 +474,59 @@ def test_the_last_smart_spawner_to_close_clears_the_subreaper_flag(
     assert _subreaper_flag() == 0
 
 
+@pytest.mark.timeout(30)
+def test_a_smart_spawner_cannot_start_twice_and_a_failed_close_lets_go(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    spawner = SmartSpawner()
+    spawner.start(os.fspath(tmp_path))
+    with pytest.raises(RuntimeError, match="started already"):
+        spawner.start(os.fspath(tmp_path))
+    live = spawner._live
+    assert live is not None
+
+    def broken() -> None:
+        raise OSError("cannot remove the socket directory")
+
+    monkeypatch.setattr(live.dirs, "close", broken)
+    with pytest.raises(OSError, match="socket directory"):
+        spawner.close()
+    assert _subreaper_flag() == 0
+
+
+@pytest.mark.timeout(30)
+def test_a_forked_child_holds_the_subreaper_flag_for_its_own_spawners(
+    tmp_path: Path,
+) -> None:
+    """fork() does not pass the flag on, but it did pass on the count of
+    the parent's holders, which made the child's spawner skip setting it."""
+    parent = SmartSpawner()
+    parent.start(os.fspath(tmp_path))
+    try:
+        report_r, report_w = os.pipe()
+        pid = os.fork()
+        if pid == 0:
+            try:
+                signal.signal(signal.SIGALRM, signal.SIG_DFL)
+                signal.alarm(20)
+                child_dir = tmp_path / "child"
+                child_dir.mkdir(mode=0o700)
+                child = SmartSpawner()
+                child.start(os.fspath(child_dir))
+                held = _subreaper_flag()
+                child.close()
+                os.write(report_w, f"{held} {_subreaper_flag()}".encode())
+            finally:
+                os._exit(0)
+        os.close(report_w)
+        with os.fdopen(report_r, "rb") as report:
+            assert report.read() == b"1 0"
+        os.waitpid(pid, 0)
+        assert _subreaper_flag() == 1  # the parent's own hold is untouched
+    finally:
+        parent.close()
+
+
 def test_a_preloader_still_loading_is_not_idle(
     tmp_path: Path, wait_until: Callable[..., None]
 ) -> None:

@@ -93,8 +93,16 @@ class _Subreaper:
                 ctypes.CDLL(None).prctl(PR_SET_CHILD_SUBREAPER, 0, 0, 0, 0)
                 self._set_by_us = False
 
+    def forked(self) -> None:
+        # fork() does not pass the flag on: a child starts with no holder
+        # (its copies of the parent's spawners are the parent's business).
+        self._lock = threading.Lock()
+        self._holders = 0
+        self._set_by_us = False
+
 
 _subreaper = _Subreaper()
+os.register_at_fork(after_in_child=_subreaper.forked)
 
 
 class SmartSpawner(Spawner):
@@ -131,6 +139,8 @@ class SmartSpawner(Spawner):
         self.__init__(**state)  # type: ignore[misc]
 
     def start(self, socket_dir: str) -> None:
+        if self._live is not None:
+            raise RuntimeError("this SmartSpawner is started already")
         # A worker's preloader lets go of it at once (a double fork), so the
         # server must be the one to adopt and reap it.
         _subreaper.hold()
@@ -172,16 +182,18 @@ class SmartSpawner(Spawner):
         live, self._live = self._live, None
         if live is None:
             return
-        with live.lock:
-            preloaders = list(live.preloaders.values())
-            live.preloaders.clear()
-        for preloader in preloaders:
-            preloader.stop(why="the spawner closed")
-        for preloader in preloaders:
-            preloader.join()
-        live.lifeline.close()
-        live.dirs.close()
-        _subreaper.release()
+        try:
+            with live.lock:
+                preloaders = list(live.preloaders.values())
+                live.preloaders.clear()
+            for preloader in preloaders:
+                preloader.stop(why="the spawner closed")
+            for preloader in preloaders:
+                preloader.join()
+            live.lifeline.close()
+            live.dirs.close()
+        finally:
+            _subreaper.release()
 
     def _preloader(
         self, live: _Live, spec: AppSpec, user: RunAs | None, deadline: float
