@@ -42,6 +42,12 @@ against (a). If it is k times (a), a server doing only this work, with the
 pool and all scheduling for free, could serve at most 1/k of gunicorn's
 requests per second on a machine where both are CPU-bound.
 
+(d) is h11's share of (b) + (c): the same h11 calls on the same bytes, with
+no sockets and nothing else (the front end's server and client
+connections, the worker's server connection). Taken out, it gives the
+ceiling for a server whose HTTP parsing and framing cost nothing, which
+bounds what any faster parser (a C one such as httptools) could bring.
+
 Each figure is the best of 5 rounds of 2,000 requests, in µs per request;
 the cases take turns, round by round. Even so the figures move by a fifth
 from run to run on a shared VM, so ``--instructions`` counts instead what
@@ -76,6 +82,7 @@ sys.path.insert(0, str(HELLO))
 from passenger_wsgi import application  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import h11  # noqa: E402
 from _callgrind import add_arguments, instructions_per_call  # noqa: E402
 
 from actorpool.frontend.proxy import ProxyOptions, serve_client  # noqa: E402
@@ -214,6 +221,73 @@ def frontend_request(app_response: bytes) -> Callable[[], bytes]:
     return functools.partial(exchange, REQUEST, serve)
 
 
+# --- (d) h11's share ---------------------------------------------------------------
+
+
+def _events(conn: h11.Connection) -> list[Any]:
+    """Every event ``conn`` has, up to the first NEED_DATA or PAUSED."""
+    events = []
+    while (event := conn.next_event()) not in (h11.NEED_DATA, h11.PAUSED):
+        events.append(event)
+        if isinstance(event, h11.EndOfMessage | h11.ConnectionClosed):
+            break
+    return events
+
+
+def _send(conn: h11.Connection, *events: h11.Event) -> bytes:
+    return b"".join(conn.send(event) or b"" for event in events)
+
+
+def h11_work(app_response: bytes) -> dict[str, Callable[[], bytes]]:
+    """The h11 calls of one request in the front end and in the worker."""
+    reader = h11.Connection(h11.CLIENT)
+    reader.send(h11.Request(method="GET", target="/", headers=[("host", "x")]))
+    reader.send(h11.EndOfMessage())
+    reader.receive_data(app_response)
+    response, data, _ = _events(reader)
+    body = data.data
+    # What each side sends: the worker its app's headers, the front end
+    # those it relays to the client (hop-by-hop ones dropped).
+    relayed = h11.Response(
+        status_code=response.status_code,
+        headers=[(n, v) for n, v in response.headers if n != b"connection"],
+    )
+    app_headers = [(n, v) for n, v in response.headers if n != b"connection"]
+    to_app = h11.Request(
+        method="GET",
+        target="/",
+        headers=[
+            ("host", "127.0.0.1:8000"),
+            ("x-forwarded-for", "127.0.0.1"),
+            ("connection", "close"),
+        ],
+    )
+
+    def frontend() -> bytes:
+        client = h11.Connection(h11.SERVER)
+        client.receive_data(REQUEST)
+        _events(client)
+        app = h11.Connection(h11.CLIENT)
+        sent = _send(app, to_app, h11.EndOfMessage())
+        app.receive_data(app_response)
+        _events(app)
+        sent += _send(client, relayed, h11.Data(data=body), h11.EndOfMessage())
+        # Keep-alive: the next request, here the client's end of file.
+        client.start_next_cycle()
+        client.receive_data(b"")
+        _events(client)
+        return sent
+
+    def worker() -> bytes:
+        conn = h11.Connection(h11.SERVER)
+        conn.receive_data(APP_REQUEST)
+        _events(conn)
+        response = h11.Response(status_code=200, headers=app_headers)
+        return _send(conn, response, h11.Data(data=body), h11.EndOfMessage())
+
+    return {"h11-frontend": frontend, "h11-worker": worker}
+
+
 # --- the report --------------------------------------------------------------------
 
 
@@ -237,6 +311,7 @@ def cases() -> dict[str, Callable[[], bytes]]:
         "worker": worker,
         "frontend": frontend_request(app_response),
         "stand-in": functools.partial(stand_in_sockets, app_response),
+        **h11_work(app_response),
     }
 
 
@@ -296,11 +371,14 @@ def main() -> None:
     # make one socket and connect it instead): left out, in its favour.
     base, worker = figures["gunicorn"], figures["worker"]
     frontend = figures["frontend"] - figures["stand-in"]
+    h11_share = figures["h11-frontend"] + figures["h11-worker"]
     rows = [
         ("(a) gunicorn sync worker, whole request", base),
         ("(b) actorpool worker (h11, WSGI)", worker),
         ("(c) actorpool front end, pool left out (h11 x 2)", frontend),
         ("(b) + (c): HTTP work of one proxied request", worker + frontend),
+        ("(d) of which h11 (front end and worker)", h11_share),
+        ("(b) + (c) - (d): the rest", worker + frontend - h11_share),
     ]
     style = ",.0f" if args.instructions else ".1f"
     print(f"\n{'':52} {unit:>12} {'vs (a)':>8}")
@@ -313,6 +391,10 @@ def main() -> None:
     print(
         f"ceiling with the pool and all scheduling free: "
         f"{base / (worker + frontend):.2f}x gunicorn's requests per second"
+    )
+    print(
+        f"... and h11 free too: "
+        f"{base / (worker + frontend - h11_share):.2f}x gunicorn's requests per second"
     )
 
 
