@@ -148,16 +148,15 @@ class _Instance:
     """The app with no process this one is retiring for (rule 3): it takes
     no new session, and its slot goes to that app. Undone if the app is
     served another way first."""
-
-    @property
-    def draining(self) -> bool:
-        return self.drained_for is not None
-
     pid: int = 0
     address: str = ""
     concurrency: int = 1
     sessions: int = 0
     processed: int = 0
+
+    @property
+    def draining(self) -> bool:
+        return self.drained_for is not None
 
     @property
     def has_room(self) -> bool:
@@ -711,8 +710,10 @@ class Pool:
     def _balance_drains(self, now: float, decisions: list[Decision]) -> None:
         """Drain busy processes for apps that have no process (rule 3).
 
-        Called after the spawns, so an app still waiting with no process
-        found the pool full and nothing idle to evict. A process with
+        Called at the end of a dispatch, after the spawns, so an app still
+        waiting with no process found the pool full and nothing idle to
+        evict; and where waiters leave without one (an expired get, a
+        client gone), to undo drains made for them. A process with
         concurrency 1 becomes idle at its close, which evicts it for such
         an app; one with more can keep taking sessions and never be idle.
         Slots on their way (a retiring process, a busy one with concurrency
