@@ -78,6 +78,16 @@ SEND_TIMEOUT = 10.0
 """Seconds queued replies may wait for a client that does not read before it
 is dropped."""
 
+HELLO_TIMEOUT = 10.0
+"""Seconds a new connection has to send its ``Hello`` before it is closed
+with a protocol error: one that never does would hold one of the acceptor's
+``max_clients`` places for as long as it stayed open."""
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class _HelloOverdue:
+    """To the actor, from its hello timer: ``HELLO_TIMEOUT`` has passed."""
+
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class HangUp:
@@ -311,6 +321,7 @@ class ClientSessionActor(pykka.ThreadingActor):
         self._outbox = Outbox(sock, self._conn, self._conn_lock, self._ask_flush)
         self._closing = False  # answered already, or the peer closed
         self._finished = False
+        self._hello_timer: threading.Timer | None = None
 
     def __repr__(self) -> str:
         return f"<ClientSessionActor client={self._client_id} {self._conn!r}>"
@@ -328,6 +339,15 @@ class ClientSessionActor(pykka.ThreadingActor):
             self._hang_up()
             return
         self._reader.add(self._sock, self._on_data)
+        timer = threading.Timer(HELLO_TIMEOUT, self._tell_hello_overdue)
+        timer.name = f"actorpool-hello-{self._client_id}"
+        timer.daemon = True
+        try:
+            timer.start()
+        except RuntimeError:  # no thread to be had: the client goes without
+            logger.warning("no hello deadline for client %d", self._client_id)
+        else:
+            self._hello_timer = timer
 
     def on_receive(self, message: Any) -> None:
         if isinstance(message, Hello):
@@ -343,6 +363,11 @@ class ClientSessionActor(pykka.ThreadingActor):
                 self._fail(message.error)
             else:
                 self._hang_up()
+        elif isinstance(message, _HelloOverdue):
+            with self._conn_lock:
+                overdue = self._conn.state is State.START
+            if overdue:
+                self._fail(f"no hello within {HELLO_TIMEOUT:g} s")
         else:
             logger.warning("ClientSessionActor ignores unexpected message %r", message)
 
@@ -389,7 +414,13 @@ class ClientSessionActor(pykka.ThreadingActor):
 
     # --- the actor's own work ------------------------------------------------
 
+    def _tell_hello_overdue(self) -> None:
+        with contextlib.suppress(pykka.ActorDeadError):
+            self.actor_ref.tell(_HelloOverdue())
+
     def _welcome(self, hello: Hello) -> None:
+        if self._hello_timer is not None:
+            self._hello_timer.cancel()  # ends its thread now, not in 10 s
         if hello.version != PROTOCOL_VERSION:
             self._fail(
                 f"protocol version {hello.version} is not supported "
@@ -431,6 +462,8 @@ class ClientSessionActor(pykka.ThreadingActor):
         if self._finished:
             return
         self._finished = True
+        if self._hello_timer is not None:
+            self._hello_timer.cancel()
         with _outboxes_lock:
             _outboxes.pop(self.actor_urn, None)
         # Closing runs on the reader thread, so it can never race with a recv

@@ -22,6 +22,7 @@ import msgpack
 import pykka
 import pytest
 
+from actorpool import session as session_module
 from actorpool.messages import (
     PROTOCOL_VERSION,
     ClientAttached,
@@ -292,6 +293,48 @@ def test_end_of_stream_detaches_the_client(rig: Rig) -> None:
 
     assert take(rig.reports, ClientDetached).client_id == CLIENT_ID
     assert rig.peer.sock.recv(1) == b""  # the server closed its end too
+    rig.quiet()
+
+
+def test_a_connection_that_never_says_hello_is_closed(
+    make_rig: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Else it would hold one of the acceptor's max_clients places for ever."""
+    monkeypatch.setattr(session_module, "HELLO_TIMEOUT", 0.2)
+    rig: Rig = make_rig()
+    take(rig.reports, ClientAttached)
+    rig.peer.conn.send(Hello(PROTOCOL_VERSION, 1))  # our side expects a reply
+
+    error = rig.peer.expect_protocol_error()
+    assert "no hello within 0.2 s" in error.message
+    assert take(rig.reports, ClientDetached).client_id == CLIENT_ID
+
+
+def test_a_hello_read_in_time_but_answered_late_is_not_overdue(
+    make_rig: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The deadline is for the hello to arrive, not for the actor to get to
+    it: here the timer fires with the hello still in the actor's inbox."""
+    monkeypatch.setattr(session_module, "HELLO_TIMEOUT", 0.2)
+    rig: Rig = make_rig()
+    take(rig.reports, ClientAttached)
+    rig.actor.ask(Barrier(), timeout=WAIT)  # on_start is over: the timer runs
+    paused = threading.Event()
+    rig.actor.tell(paused)
+    rig.peer.send(Hello(PROTOCOL_VERSION, os.getpid()))
+    timers = [
+        t for t in threading.enumerate() if t.name == f"actorpool-hello-{CLIENT_ID}"
+    ]
+    assert timers
+    for timer in timers:
+        timer.join(WAIT)  # it fires: the paused actor cannot cancel it
+        assert not timer.is_alive()
+    paused.set()
+    assert isinstance(rig.peer.receive(), Welcome)
+    rig.actor.ask(Barrier(), timeout=WAIT)  # the overdue notice is handled
+
+    rig.peer.send(Get(1, "/srv/a"))
+    assert take(rig.reports, ClientRequest).message == Get(1, "/srv/a")
     rig.quiet()
 
 
