@@ -339,15 +339,7 @@ class ClientSessionActor(pykka.ThreadingActor):
             self._hang_up()
             return
         self._reader.add(self._sock, self._on_data)
-        timer = threading.Timer(HELLO_TIMEOUT, self._tell_hello_overdue)
-        timer.name = f"actorpool-hello-{self._client_id}"
-        timer.daemon = True
-        try:
-            timer.start()
-        except RuntimeError:  # no thread to be had: the client goes without
-            logger.warning("no hello deadline for client %d", self._client_id)
-        else:
-            self._hello_timer = timer
+        self._arm_hello_timer()
 
     def on_receive(self, message: Any) -> None:
         if isinstance(message, Hello):
@@ -364,10 +356,7 @@ class ClientSessionActor(pykka.ThreadingActor):
             else:
                 self._hang_up()
         elif isinstance(message, _HelloOverdue):
-            with self._conn_lock:
-                overdue = self._conn.state is State.START
-            if overdue:
-                self._fail(f"no hello within {HELLO_TIMEOUT:g} s")
+            self._hello_overdue()
         else:
             logger.warning("ClientSessionActor ignores unexpected message %r", message)
 
@@ -414,9 +403,39 @@ class ClientSessionActor(pykka.ThreadingActor):
 
     # --- the actor's own work ------------------------------------------------
 
+    # --- the hello deadline ---------------------------------------------------
+
+    def _arm_hello_timer(self) -> None:
+        timer = threading.Timer(HELLO_TIMEOUT, self._tell_hello_overdue)
+        timer.name = f"actorpool-hello-{self._client_id}"
+        timer.daemon = True
+        try:
+            timer.start()
+        except RuntimeError:  # no thread to be had: the client goes without
+            logger.warning("no hello deadline for client %d", self._client_id)
+            self._hello_timer = None
+        else:
+            self._hello_timer = timer
+
     def _tell_hello_overdue(self) -> None:
         with contextlib.suppress(pykka.ActorDeadError):
             self.actor_ref.tell(_HelloOverdue())
+
+    def _hello_overdue(self) -> None:
+        with self._conn_lock:
+            overdue = self._conn.state is State.START
+        if not overdue or self._closing:
+            return
+        # The reader may not have got to input that came in time: in the
+        # server it reads only while the registry has nothing to do, and
+        # after a stall (a stopped or swapping server) every deadline fires
+        # at once. Input waiting on the socket gets another term.
+        poller = select.poll()
+        poller.register(self._sock, select.POLLIN)
+        if poller.poll(0):
+            self._arm_hello_timer()
+            return
+        self._fail(f"no hello within {HELLO_TIMEOUT:g} s")
 
     def _welcome(self, hello: Hello) -> None:
         if self._hello_timer is not None:

@@ -47,6 +47,7 @@ from actorpool.protocol import (
     Connection,
     Role,
 )
+from actorpool.reader import SocketReader
 from actorpool.session import (
     ClientProxy,
     ClientSessionActor,
@@ -336,6 +337,48 @@ def test_a_hello_read_in_time_but_answered_late_is_not_overdue(
     rig.peer.send(Get(1, "/srv/a"))
     assert take(rig.reports, ClientRequest).message == Get(1, "/srv/a")
     rig.quiet()
+
+
+def test_a_hello_that_came_in_time_but_was_not_read_yet_is_not_overdue(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """In the server the reader is the registry's loop, which reads only when
+    the registry is idle; after a stall every deadline fires at once. A
+    hello waiting on the socket then gets another term, not an error."""
+    monkeypatch.setattr(session_module, "HELLO_TIMEOUT", 0.2)
+    reports: queue.Queue[Any] = queue.Queue()
+    registry = Recorder.start(reports)
+    reader = SocketReader().start()
+    ours, theirs = socket.socketpair()
+    actor = ClientSessionActor.start(ours, CLIENT_ID, registry, reader)
+    try:
+        take(reports, ClientAttached)
+        actor.ask(Barrier(), timeout=WAIT)  # on_start is over: the timer runs
+        (timer,) = [
+            t
+            for t in threading.enumerate()
+            if t.name == f"actorpool-hello-{CLIENT_ID}" and t.is_alive()
+        ]
+        blocked, gate = threading.Event(), threading.Event()
+
+        def stall() -> None:
+            blocked.set()
+            gate.wait(WAIT)
+
+        reader._call(stall)
+        assert blocked.wait(WAIT)
+        peer = Peer(theirs)
+        peer.send(Hello(PROTOCOL_VERSION, os.getpid()))
+        timer.join(WAIT)  # the deadline passes with the hello unread
+        actor.ask(Barrier(), timeout=WAIT)  # and the actor has seen it pass
+        gate.set()
+        assert isinstance(peer.receive(), Welcome)
+    finally:
+        gate.set()
+        actor.stop()
+        reader.close()
+        registry.stop()
+        theirs.close()
 
 
 def test_end_of_stream_inside_a_frame_is_a_protocol_error(rig: Rig) -> None:
