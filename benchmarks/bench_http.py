@@ -246,31 +246,30 @@ def h11_work(app_response: bytes) -> dict[str, Callable[[], bytes]]:
     reader.receive_data(app_response)
     response, data, _ = _events(reader)
     body = data.data
-    # What each side sends: the worker its app's headers, the front end
-    # those it relays to the client (hop-by-hop ones dropped).
-    relayed = h11.Response(
-        status_code=response.status_code,
-        headers=[(n, v) for n, v in response.headers if n != b"connection"],
-    )
+    # The headers each side sends: the worker its app's, the front end those
+    # it relays to the client (hop-by-hop ones dropped). The events are made
+    # per request, as the real code makes them: h11 checks every header
+    # when an event is made.
     app_headers = [(n, v) for n, v in response.headers if n != b"connection"]
-    to_app = h11.Request(
-        method="GET",
-        target="/",
-        headers=[
-            ("host", "127.0.0.1:8000"),
-            ("x-forwarded-for", "127.0.0.1"),
-            ("connection", "close"),
-        ],
-    )
+    to_app_headers = [
+        ("host", "127.0.0.1:8000"),
+        ("x-forwarded-for", "127.0.0.1"),
+        ("connection", "close"),
+    ]
 
     def frontend() -> bytes:
         client = h11.Connection(h11.SERVER)
         client.receive_data(REQUEST)
         _events(client)
         app = h11.Connection(h11.CLIENT)
+        to_app = h11.Request(method="GET", target="/", headers=to_app_headers)
         sent = _send(app, to_app, h11.EndOfMessage())
         app.receive_data(app_response)
-        _events(app)
+        answer = _events(app)[0]
+        relayed = h11.Response(
+            status_code=answer.status_code,
+            headers=[(n, v) for n, v in answer.headers if n != b"connection"],
+        )
         sent += _send(client, relayed, h11.Data(data=body), h11.EndOfMessage())
         # Keep-alive: the next request, here the client's end of file.
         client.start_next_cycle()
