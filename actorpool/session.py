@@ -403,8 +403,6 @@ class ClientSessionActor(pykka.ThreadingActor):
 
     # --- the actor's own work ------------------------------------------------
 
-    # --- the hello deadline ---------------------------------------------------
-
     def _arm_hello_timer(self) -> None:
         timer = threading.Timer(HELLO_TIMEOUT, self._tell_hello_overdue)
         timer.name = f"actorpool-hello-{self._client_id}"
