@@ -952,6 +952,28 @@ def test_an_absolute_form_target_that_cannot_be_read_gets_400(
         second.read()
 
 
+@pytest.mark.parametrize(
+    "target", [b"example.com:443", b"/env"], ids=["authority-form", "a-path"]
+)
+def test_connect_gets_501_and_the_connection_carries_on(
+    front: StartFront, app: str, target: bytes
+) -> None:
+    """Forwarded to the app, a CONNECT to a path got the app's 200, which h11
+    takes for a switch of protocol: the client got a 502."""
+    proxy = front([app])
+    with proxy.raw() as sock:
+        sock.sendall(b"CONNECT " + target + b" HTTP/1.1\r\nHost: x\r\n\r\n")
+        first = http.client.HTTPResponse(sock, method="CONNECT")
+        first.begin()
+        assert first.status == 501
+        first.read()
+        sock.sendall(b"GET /env HTTP/1.1\r\nHost: x\r\n\r\n")
+        second = http.client.HTTPResponse(sock)
+        second.begin()
+        assert second.status == 200
+        second.read()
+
+
 def test_an_oversized_request_head_gets_431(front: StartFront, app: str) -> None:
     proxy = front([app], ProxyOptions(max_header_size=4096))
     with proxy.raw() as sock:

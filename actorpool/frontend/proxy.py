@@ -216,6 +216,12 @@ def _reject(client: _Client, error: _ClientError, client_address: str) -> None:
 
 def _handle(client: _Client, request: h11.Request, context: _Context) -> None:
     """Route `request` and answer it, from an app or with an error page."""
+    if request.method == b"CONNECT":
+        # A tunnel is not an app's request. Forwarded, the app would answer
+        # it as a plain request, and h11 takes a 2xx to CONNECT for a switch
+        # of protocol: the client got a 502 for the app's answer.
+        client.respond(501, "501 Not Implemented\n\nCONNECT is not served here.\n")
+        return
     target = _Target.of(request)
     if target is None:
         client.respond(400, "400 Bad Request\n\nThe request target is not a path.\n")
